@@ -1,0 +1,134 @@
+//! What the replicated state machine applies ([`Request`]) and answers ([`Response`]).
+//!
+//! This is the Raft log format: an API boundary. Variants are only ever appended.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::{ClusterId, NodeId};
+use crate::ticket::Role;
+
+/// One log entry's payload: a command, who asked for it and when.
+///
+/// `at_ms` is stamped by the node that proposes the entry, so `apply` never reads a clock
+/// and every replica computes the same result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub at_ms: u64,
+    /// The authenticated key on whose behalf the command is proposed.
+    pub by: NodeId,
+    pub cmd: Command,
+}
+
+/// A node's declared capacity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+}
+
+/// What a joining or bootstrapping node says about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub addrs: Vec<SocketAddr>,
+    pub resources: Resources,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// The first entry of a new cluster: its id and first member.
+    Bootstrap { cluster_id: ClusterId, node: NodeId, info: NodeInfo },
+    /// Records a ticket by the hash of its secret.
+    CreateTicket { secret_hash: [u8; 32], role: Role, expires_at_ms: u64 },
+    /// Revokes the ticket whose id (see `ticket::ticket_id`) is given.
+    RevokeTicket { id: String },
+    /// Admits a node presenting a ticket; it becomes a member (learner, then voter).
+    AdmitNode { node: NodeId, info: NodeInfo, secret_hash: [u8; 32], role: Role },
+    /// Authorises a CLI key presenting a client ticket.
+    AuthorizeClient { key: NodeId, secret_hash: [u8; 32] },
+    /// Removes a member for good: its key is refused from then on.
+    RemoveNode { node: NodeId },
+    /// A member's addresses changed (it restarted on another port).
+    UpdateAddrs { node: NodeId, addrs: Vec<SocketAddr> },
+    /// Adds, updates (`set`) and removes labels of a node.
+    SetLabels { node: NodeId, set: BTreeMap<String, String>, remove: Vec<String> },
+}
+
+impl Command {
+    /// A short name for logs and audit records.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Bootstrap { .. } => "bootstrap",
+            Command::CreateTicket { .. } => "create-ticket",
+            Command::RevokeTicket { .. } => "revoke-ticket",
+            Command::AdmitNode { .. } => "admit-node",
+            Command::AuthorizeClient { .. } => "authorize-client",
+            Command::RemoveNode { .. } => "remove-node",
+            Command::UpdateAddrs { .. } => "update-addrs",
+            Command::SetLabels { .. } => "set-labels",
+        }
+    }
+}
+
+/// The outcome of applying one command. A refused command changes nothing.
+pub type Response = CommandResult;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    Ok,
+    Refused(Refusal),
+}
+
+/// Why the state machine refused a command. Deterministic: every replica agrees.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("the cluster is already bootstrapped")]
+    AlreadyBootstrapped,
+    #[error("the cluster is not bootstrapped yet")]
+    NotBootstrapped,
+    #[error("unknown ticket: it was never issued by this cluster")]
+    UnknownTicket,
+    #[error("the ticket expired; ask an operator for a new one (`blixard cluster ticket`)")]
+    TicketExpired,
+    #[error("the ticket was revoked")]
+    TicketRevoked,
+    #[error("the ticket grants the {granted} role, not {requested}")]
+    RoleMismatch { granted: Role, requested: Role },
+    #[error("node {0} was removed from the cluster and cannot come back with the same key")]
+    NodeRemoved(NodeId),
+    #[error("no such node: {0}")]
+    UnknownNode(NodeId),
+    #[error("no ticket with id {0:?}")]
+    UnknownTicketId(String),
+    #[error("invalid label: {0}")]
+    InvalidLabel(String),
+    #[error("a ticket with this secret already exists")]
+    DuplicateTicket,
+}
+
+/// Longest label key or value.
+pub const MAX_LABEL_LEN: usize = 63;
+
+/// Checks a label key and value: 1–63 characters of `[A-Za-z0-9._/-]` for keys,
+/// 0–63 printable characters without `=` or whitespace for values.
+pub fn validate_label(key: &str, value: &str) -> Result<(), Refusal> {
+    let key_ok = !key.is_empty()
+        && key.len() <= MAX_LABEL_LEN
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
+    if !key_ok {
+        return Err(Refusal::InvalidLabel(format!(
+            "key {key:?} must be 1-{MAX_LABEL_LEN} characters of letters, digits, '.', '_', '/', '-'"
+        )));
+    }
+    let value_ok = value.len() <= MAX_LABEL_LEN && value.chars().all(|c| c.is_ascii_graphic() && c != '=');
+    if !value_ok {
+        return Err(Refusal::InvalidLabel(format!(
+            "value {value:?} of {key:?} must be at most {MAX_LABEL_LEN} printable characters without '='"
+        )));
+    }
+    Ok(())
+}
