@@ -1,0 +1,31 @@
+//! The Blixard node daemon: wires identity, the iroh endpoint, Raft and the protocols
+//! together, and serves the client API.
+//!
+//! Layout:
+//! - [`config`]: what `node run` is given, and the data dir layout.
+//! - [`node`]: starting (init, join, resume) and stopping a node.
+//! - [`client_api`]: the client-API protocol: status, tickets, removal, labels, and
+//!   forwarding to the leader.
+//! - [`join`]: the join protocol: admitting nodes and authorising CLI keys by ticket.
+//! - [`client`]: the client side used by the CLI (and tests): find the cluster from a
+//!   ticket, authorise the CLI key on first use, send requests.
+//!
+//! **Invariant:** the node is the only place that owns tasks and the `Router`; every
+//! inbound connection except join passes the mesh's gate first.
+
+pub mod client;
+pub mod client_api;
+pub mod config;
+pub mod join;
+pub mod node;
+
+pub use config::{NodeConfig, StartMode};
+pub use node::{Node, StartError};
+
+/// Unix time in milliseconds (stamped into proposals; `apply` never reads a clock).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

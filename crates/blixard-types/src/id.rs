@@ -3,12 +3,12 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A node's (or a CLI user's) identity: the 32 bytes of its Ed25519 public key, which is
 /// also its iroh endpoint id. Nothing else names a peer: a name written inside a message
 /// is never trusted.
-#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NodeId(pub [u8; 32]);
 
 impl NodeId {
@@ -46,23 +46,16 @@ impl FromStr for NodeId {
     type Err = NodeIdParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || NodeIdParseError { input: s.chars().take(80).collect() };
-        let bytes = s.as_bytes();
-        if bytes.len() != 64 {
-            return Err(err());
-        }
+        let bytes = unhex(s).filter(|b| b.len() == 32).ok_or_else(err)?;
         let mut out = [0u8; 32];
-        for (i, pair) in bytes.chunks_exact(2).enumerate() {
-            let hi = hex_val(pair[0]).ok_or_else(err)?;
-            let lo = hex_val(pair[1]).ok_or_else(err)?;
-            out[i] = hi << 4 | lo;
-        }
+        out.copy_from_slice(&bytes);
         Ok(NodeId(out))
     }
 }
 
 /// A cluster's identity, chosen at random by `node run --init`. Tickets name it so that a
 /// ticket of one cluster can never be used against another.
-#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ClusterId(pub [u8; 16]);
 
 impl fmt::Display for ClusterId {
@@ -75,6 +68,45 @@ impl fmt::Debug for ClusterId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ClusterId({self})")
     }
+}
+
+/// Ids are hex strings in human-readable formats (JSON) and raw bytes in postcard.
+macro_rules! serde_as_hex {
+    ($t:ident, $n:literal) => {
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                if s.is_human_readable() {
+                    s.serialize_str(&hex(&self.0))
+                } else {
+                    self.0.serialize(s)
+                }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                if d.is_human_readable() {
+                    let s = String::deserialize(d)?;
+                    let v = unhex(&s).ok_or_else(|| serde::de::Error::custom("expected hex"))?;
+                    let arr: [u8; $n] = v.try_into().map_err(|_| serde::de::Error::custom("wrong length"))?;
+                    Ok($t(arr))
+                } else {
+                    Ok($t(<[u8; $n]>::deserialize(d)?))
+                }
+            }
+        }
+    };
+}
+serde_as_hex!(NodeId, 32);
+serde_as_hex!(ClusterId, 16);
+
+/// Bytes of a hex string.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
+        return None;
+    }
+    b.chunks_exact(2).map(|p| Some(hex_val(p[0])? << 4 | hex_val(p[1])?)).collect()
 }
 
 /// Lowercase hex of `bytes`.

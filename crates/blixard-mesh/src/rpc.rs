@@ -1,0 +1,254 @@
+//! Framed request/response over QUIC bi-streams: one stream per request, connections
+//! cached and shared, so concurrent requests to one peer pipeline on one connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blixard_types::frame::{self, FrameError};
+use blixard_types::NodeId;
+use iroh::endpoint::{Connection, ConnectionError, ReadExactError, RecvStream, SendStream, VarInt};
+use iroh::Endpoint;
+use serde::{de::DeserializeOwned, Serialize};
+use tracing::{debug, Instrument};
+
+/// The close code a node sends when it refuses a peer's key.
+pub const CLOSE_UNAUTHORIZED: u32 = 403;
+/// The close code for a malformed message.
+pub const CLOSE_PROTOCOL: u32 = 400;
+
+/// Why a request did not get a response.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("peer {0} has no usable address")]
+    NoAddress(NodeId),
+    #[error("cannot connect to {peer}: {reason}")]
+    Connect { peer: NodeId, reason: String },
+    #[error("refused by {peer}: {reason}")]
+    Refused { peer: NodeId, reason: String },
+    #[error("connection to {peer} lost: {reason}")]
+    Lost { peer: NodeId, reason: String },
+    #[error("bad message from {peer}: {source}")]
+    Frame { peer: NodeId, source: FrameError },
+    #[error("{peer} did not answer within {after:?}")]
+    Timeout { peer: NodeId, after: Duration },
+}
+
+impl RpcError {
+    /// True if the peer refused us (retrying will not help).
+    pub fn is_refused(&self) -> bool {
+        matches!(self, RpcError::Refused { .. })
+    }
+}
+
+/// Errors on one stream, before they are attributed to a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("connection closed: {0}")]
+    Connection(#[from] ConnectionError),
+    #[error("stream error: {0}")]
+    Stream(String),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+impl StreamError {
+    fn attribute(self, peer: NodeId) -> RpcError {
+        match self {
+            StreamError::Connection(ConnectionError::ApplicationClosed(close))
+                if close.error_code == VarInt::from_u32(CLOSE_UNAUTHORIZED) =>
+            {
+                RpcError::Refused { peer, reason: String::from_utf8_lossy(&close.reason).into_owned() }
+            }
+            StreamError::Connection(e) => RpcError::Lost { peer, reason: e.to_string() },
+            StreamError::Stream(reason) => RpcError::Lost { peer, reason },
+            StreamError::Frame(source) => RpcError::Frame { peer, source },
+        }
+    }
+}
+
+fn read_err(e: ReadExactError) -> StreamError {
+    match e {
+        ReadExactError::ReadError(iroh::endpoint::ReadError::ConnectionLost(c)) => StreamError::Connection(c),
+        other => StreamError::Stream(other.to_string()),
+    }
+}
+
+/// Writes one frame.
+pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> Result<(), StreamError> {
+    let bytes = frame::encode(msg)?;
+    write_bytes(send, &bytes).await
+}
+
+/// Writes an already encoded frame.
+pub async fn write_bytes(send: &mut SendStream, bytes: &[u8]) -> Result<(), StreamError> {
+    send.write_all(bytes).await.map_err(|e| match e {
+        iroh::endpoint::WriteError::ConnectionLost(c) => StreamError::Connection(c),
+        other => StreamError::Stream(other.to_string()),
+    })
+}
+
+/// Reads one frame, refusing frames over the size limit before allocating.
+pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream) -> Result<T, StreamError> {
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await.map_err(read_err)?;
+    let len = frame::body_len(prefix)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(read_err)?;
+    Ok(frame::decode(&body)?)
+}
+
+/// Sends `req` on a new stream of `conn` and reads the response.
+pub async fn call_on<Req: Serialize, Resp: DeserializeOwned>(
+    conn: &Connection,
+    req: &Req,
+) -> Result<Resp, StreamError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, req).await?;
+    send.finish().map_err(|e| StreamError::Stream(e.to_string()))?;
+    read_frame(&mut recv).await
+}
+
+/// Serves requests on `conn` until it closes: each bi-stream carries one request, handled
+/// on its own task so that slow requests do not block others.
+pub async fn serve<Req, Resp, F, Fut>(conn: Connection, handler: F)
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    F: Fn(Req) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Resp> + Send + 'static,
+{
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "connection ended");
+                return;
+            }
+        };
+        let handler = handler.clone();
+        let conn = conn.clone();
+        tokio::spawn(
+            async move {
+                let req: Req = match read_frame(&mut recv).await {
+                    Ok(r) => r,
+                    Err(StreamError::Frame(e)) => {
+                        debug!(error = %e, "malformed request; closing connection");
+                        conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"malformed request");
+                        return;
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "request stream failed");
+                        return;
+                    }
+                };
+                let resp = handler(req).await;
+                let Ok(bytes) = frame::encode(&resp) else {
+                    debug!("response too large to send");
+                    return;
+                };
+                if write_bytes(&mut send, &bytes).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// Cached connections to peers on one ALPN. Dials happen outside the lock; a failed
+/// connection is dropped and re-dialled once.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    endpoint: Endpoint,
+    alpn: &'static [u8],
+    conns: Arc<Mutex<HashMap<NodeId, Connection>>>,
+}
+
+impl Pool {
+    pub fn new(endpoint: Endpoint, alpn: &'static [u8]) -> Self {
+        Self { endpoint, alpn, conns: Default::default() }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    fn cached(&self, peer: &NodeId) -> Option<Connection> {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.get(peer).filter(|c| c.close_reason().is_none()).cloned()
+    }
+
+    fn forget(&self, peer: &NodeId, conn: &Connection) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if conns.get(peer).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+            conns.remove(peer);
+        }
+    }
+
+    /// Drops the cached connection to `peer` (e.g. after it was removed).
+    pub fn disconnect(&self, peer: &NodeId) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = conns.remove(peer) {
+            c.close(VarInt::from_u32(0), b"bye");
+        }
+    }
+
+    async fn connect(&self, peer: &NodeId, addrs: &[SocketAddr]) -> Result<Connection, RpcError> {
+        if let Some(c) = self.cached(peer) {
+            return Ok(c);
+        }
+        let addr = crate::endpoint_addr(peer, addrs).ok_or(RpcError::NoAddress(*peer))?;
+        if addrs.is_empty() {
+            return Err(RpcError::NoAddress(*peer));
+        }
+        let conn = self
+            .endpoint
+            .connect(addr, self.alpn)
+            .await
+            .map_err(|e| RpcError::Connect { peer: *peer, reason: e.to_string() })?;
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        // Another task may have dialled meanwhile: keep the first live one.
+        let conn = match conns.get(peer) {
+            Some(existing) if existing.close_reason().is_none() => existing.clone(),
+            _ => {
+                conns.insert(*peer, conn.clone());
+                conn
+            }
+        };
+        Ok(conn)
+    }
+
+    /// Sends `req` to `peer` and returns its response, within `timeout`.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        peer: &NodeId,
+        addrs: &[SocketAddr],
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RpcError> {
+        let attempt = async {
+            let mut last = None;
+            for _ in 0..2 {
+                let conn = self.connect(peer, addrs).await?;
+                match call_on(&conn, req).await {
+                    Ok(r) => return Ok(r),
+                    Err(e) => {
+                        self.forget(peer, &conn);
+                        let e = e.attribute(*peer);
+                        // A refusal or a bad frame will not change on retry.
+                        if !matches!(e, RpcError::Lost { .. }) {
+                            return Err(e);
+                        }
+                        last = Some(e);
+                    }
+                }
+            }
+            Err(last.unwrap_or(RpcError::NoAddress(*peer)))
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .unwrap_or(Err(RpcError::Timeout { peer: *peer, after: timeout }))
+    }
+}

@@ -1,0 +1,102 @@
+//! The client side of the client API, used by the CLI: reach the cluster named by a
+//! ticket, authorise this key with the ticket on first use, and send requests.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use blixard_mesh::rpc::{Pool, RpcError};
+use blixard_mesh::{alpn, endpoint};
+use blixard_types::rpc::{ApiError, ClientRequest, ClientResponse, JoinRequest, JoinResponse};
+use blixard_types::{Role, Ticket};
+use iroh::{Endpoint, SecretKey};
+
+/// How long one request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a client request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("this is a {0} ticket; the CLI needs a client ticket (`blixard cluster ticket --role client`)")]
+    NotAClientTicket(Role),
+    #[error(transparent)]
+    Bind(#[from] endpoint::BindError),
+    #[error("no node of the cluster could be reached: {0}")]
+    Unreachable(String),
+    #[error("the cluster refused this CLI's key: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("unexpected answer from the cluster: {0}")]
+    Unexpected(String),
+}
+
+/// A connection to a cluster.
+#[derive(Debug)]
+pub struct Client {
+    endpoint: Endpoint,
+    ticket: Ticket,
+    api: Pool,
+}
+
+impl Client {
+    /// Binds a client endpoint with `key` for the cluster of `ticket`.
+    pub async fn new(key: SecretKey, ticket: Ticket) -> Result<Self, ClientError> {
+        if ticket.role != Role::Client {
+            return Err(ClientError::NotAClientTicket(ticket.role));
+        }
+        let endpoint = endpoint::bind(endpoint::EndpointOptions {
+            secret_key: key,
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            relay: None,
+            alpns: vec![],
+        })
+        .await?;
+        let api = Pool::new(endpoint.clone(), alpn::CLIENT);
+        Ok(Self { endpoint, ticket, api })
+    }
+
+    /// Sends `req` to the first member that answers; authorises this key with the ticket
+    /// if the cluster does not know it yet.
+    pub async fn request(&self, req: &ClientRequest) -> Result<ClientResponse, ClientError> {
+        match self.try_peers(req).await {
+            Err(ClientError::Refused(_)) => {
+                self.authorize().await?;
+                self.try_peers(req).await
+            }
+            other => other,
+        }
+    }
+
+    async fn try_peers(&self, req: &ClientRequest) -> Result<ClientResponse, ClientError> {
+        let mut errors = Vec::new();
+        for peer in &self.ticket.peers {
+            match self.api.call(&peer.id, &peer.addrs, req, REQUEST_TIMEOUT).await {
+                Ok(ClientResponse::Error(e)) => return Err(e.into()),
+                Ok(r) => return Ok(r),
+                Err(RpcError::Refused { reason, .. }) => return Err(ClientError::Refused(reason)),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        Err(ClientError::Unreachable(errors.join("; ")))
+    }
+
+    async fn authorize(&self) -> Result<(), ClientError> {
+        let pool = Pool::new(self.endpoint.clone(), alpn::JOIN);
+        let req = JoinRequest::Client { ticket: self.ticket.clone() };
+        let mut errors = Vec::new();
+        for peer in &self.ticket.peers {
+            match pool.call::<_, JoinResponse>(&peer.id, &peer.addrs, &req, REQUEST_TIMEOUT).await {
+                Ok(JoinResponse::Authorized { .. }) => return Ok(()),
+                Ok(JoinResponse::Refused(reason)) => return Err(ClientError::Refused(reason)),
+                Ok(other) => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        Err(ClientError::Unreachable(errors.join("; ")))
+    }
+
+    /// Closes the endpoint (lets the peer know at once instead of timing out).
+    pub async fn close(self) {
+        self.endpoint.close().await;
+    }
+}

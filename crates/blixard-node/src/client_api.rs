@@ -1,0 +1,226 @@
+//! The client API: what the CLI asks a node, and what members forward to the leader.
+//!
+//! Every request is answered by the leader: a follower forwards it (as itself, naming the
+//! original caller), so writes are ordered by Raft and reads are linearizable (the leader
+//! confirms its leadership with a quorum before reading).
+
+use std::time::Duration;
+
+use blixard_mesh::rpc;
+use blixard_types::command::Refusal;
+use blixard_types::rpc::{ApiError, ClientRequest, ClientResponse, ClusterStatus, MemberStatus};
+use blixard_types::ticket::PeerAddr;
+use blixard_types::{Command, CommandResult, NodeId, Role, Ticket};
+use iroh::endpoint::Connection;
+use iroh::protocol::{AcceptError, ProtocolHandler};
+use openraft::ChangeMembers;
+use tracing::{info, info_span, Instrument};
+
+use crate::node::{refused, NodeCtx};
+use crate::now_ms;
+
+/// A member is shown unreachable when the leader has not heard from it for this long.
+const UNREACHABLE_AFTER: Duration = Duration::from_millis(1500);
+
+#[derive(Clone)]
+pub struct ClientService {
+    ctx: NodeCtx,
+}
+
+impl std::fmt::Debug for ClientService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientService")
+    }
+}
+
+impl ClientService {
+    pub fn new(ctx: NodeCtx) -> Self {
+        Self { ctx }
+    }
+}
+
+impl ProtocolHandler for ClientService {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let caller = blixard_mesh::node_id(&conn.remote_id());
+        let ctx = self.ctx.clone();
+        rpc::serve(conn, move |req: ClientRequest| {
+            let ctx = ctx.clone();
+            let span = info_span!("request", caller = %caller.short(), kind = kind(&req));
+            async move { handle(&ctx, caller, req).await.unwrap_or_else(ClientResponse::Error) }.instrument(span)
+        })
+        .await;
+        Ok(())
+    }
+}
+
+fn kind(req: &ClientRequest) -> &'static str {
+    match req {
+        ClientRequest::Status => "status",
+        ClientRequest::CreateTicket { .. } => "create-ticket",
+        ClientRequest::RevokeTicket { .. } => "revoke-ticket",
+        ClientRequest::RemoveNode { .. } => "remove-node",
+        ClientRequest::Label { .. } => "label",
+        ClientRequest::Propose(_) => "propose",
+        ClientRequest::Forwarded { .. } => "forwarded",
+    }
+}
+
+async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<ClientResponse, ApiError> {
+    let is_member = ctx.state.read().unwrap_or_else(|p| p.into_inner()).state.is_member(&caller);
+    // Requests that only members may send.
+    let (caller, req) = match req {
+        ClientRequest::Propose(r) if is_member => {
+            if ctx.leader().await? != ctx.id {
+                return Ok(ClientResponse::Error(ApiError::NoLeader));
+            }
+            return match ctx.raft.client_write(r).await {
+                Ok(w) => Ok(result_response(w.data)),
+                Err(e) => Err(ApiError::Internal(e.to_string())),
+            };
+        }
+        ClientRequest::Forwarded { origin, request } if is_member => (origin, *request),
+        ClientRequest::Propose(_) | ClientRequest::Forwarded { .. } => {
+            return Err(ApiError::Refused("only members may forward requests".into()))
+        }
+        other => (caller, other),
+    };
+    if matches!(req, ClientRequest::Propose(_) | ClientRequest::Forwarded { .. }) {
+        return Err(ApiError::Invalid("nested forwarding".into()));
+    }
+    let leader = ctx.leader().await?;
+    if leader != ctx.id {
+        return ctx.forward(leader, ClientRequest::Forwarded { origin: caller, request: Box::new(req) }).await;
+    }
+    match req {
+        ClientRequest::Status => Ok(ClientResponse::Status(status(ctx).await?)),
+        ClientRequest::CreateTicket { role, ttl_ms } => {
+            let expires = now_ms().saturating_add(ttl_ms);
+            let t = issue_ticket(ctx, caller, role, expires).await?;
+            Ok(ClientResponse::Ticket { ticket: t.encode(), id: t.id(), expires_at_ms: expires })
+        }
+        ClientRequest::RevokeTicket { id } => write(ctx, caller, Command::RevokeTicket { id }).await,
+        ClientRequest::Label { node, set, remove } => {
+            let node = resolve(ctx, &node)?;
+            write(ctx, caller, Command::SetLabels { node, set, remove }).await
+        }
+        ClientRequest::RemoveNode { node } => {
+            let node = resolve(ctx, &node)?;
+            remove_node(ctx, caller, node).await
+        }
+        ClientRequest::Propose(_) | ClientRequest::Forwarded { .. } => unreachable_request(),
+    }
+}
+
+fn unreachable_request() -> Result<ClientResponse, ApiError> {
+    Err(ApiError::Invalid("nested forwarding".into()))
+}
+
+fn result_response(r: CommandResult) -> ClientResponse {
+    match r {
+        CommandResult::Ok => ClientResponse::Ok,
+        CommandResult::Refused(r) => ClientResponse::Error(refused(r)),
+    }
+}
+
+async fn write(ctx: &NodeCtx, by: NodeId, cmd: Command) -> Result<ClientResponse, ApiError> {
+    Ok(result_response(ctx.propose(by, cmd).await?))
+}
+
+fn resolve(ctx: &NodeCtx, prefix: &str) -> Result<NodeId, ApiError> {
+    let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
+    st.state.resolve_node(prefix).map_err(|e| match e {
+        blixard_state::ResolveError::NoMatch => ApiError::NoSuchNode(prefix.into()),
+        blixard_state::ResolveError::Ambiguous => ApiError::AmbiguousNode(prefix.into()),
+    })
+}
+
+/// Removes `node` from Raft membership, then from cluster state (which revokes its key),
+/// then drops our connections to it.
+async fn remove_node(ctx: &NodeCtx, by: NodeId, node: NodeId) -> Result<ClientResponse, ApiError> {
+    let in_membership = {
+        let m = ctx.raft.metrics().borrow().membership_config.clone();
+        m.membership().get_node(&node).is_some()
+    };
+    if in_membership {
+        let voters: std::collections::BTreeSet<NodeId> = [node].into();
+        let is_voter = ctx.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == node);
+        let change = if is_voter { ChangeMembers::RemoveVoters(voters) } else { ChangeMembers::RemoveNodes(voters) };
+        ctx.change_membership(change, false).await.map_err(ApiError::Internal)?;
+        info!(node = %node.short(), "removed from raft membership");
+    }
+    // If we removed ourselves, leadership moves: `propose` follows it.
+    let r = write(ctx, by, Command::RemoveNode { node }).await?;
+    ctx.peers.disconnect(&node);
+    Ok(r)
+}
+
+/// Issues a ticket for `role`: records the hash of a fresh secret in Raft state and
+/// returns the ticket with the current members' addresses.
+pub async fn issue_ticket(ctx: &NodeCtx, by: NodeId, role: Role, expires_at_ms: u64) -> Result<Ticket, ApiError> {
+    let secret: [u8; 32] = rand::random();
+    let secret_hash = blixard_types::ticket::secret_hash(&secret);
+    match ctx.propose(by, Command::CreateTicket { secret_hash, role, expires_at_ms }).await? {
+        CommandResult::Ok => {}
+        CommandResult::Refused(r) => return Err(refused(r)),
+    }
+    let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
+    let cluster_id = st.state.cluster_id.ok_or_else(|| refused(Refusal::NotBootstrapped))?;
+    let mut peers: Vec<PeerAddr> =
+        st.state.nodes.iter().map(|(id, n)| PeerAddr { id: *id, addrs: n.addrs.clone() }).collect();
+    // The leader first: it answers joins without a redirect.
+    peers.sort_by_key(|p| p.id != ctx.id);
+    Ok(Ticket { cluster_id, role, expires_at_ms, secret, peers })
+}
+
+/// The cluster as the leader sees it, after confirming leadership (linearizable).
+async fn status(ctx: &NodeCtx) -> Result<ClusterStatus, ApiError> {
+    ctx.raft.ensure_linearizable().await.map_err(|e| match e {
+        openraft::error::RaftError::APIError(_) => ApiError::NoLeader,
+        other => ApiError::Internal(other.to_string()),
+    })?;
+    let metrics = ctx.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership().clone();
+    let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+    let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
+    let cluster_id = st.state.cluster_id.ok_or(ApiError::NoLeader)?;
+    let members = st
+        .state
+        .nodes
+        .iter()
+        .map(|(id, n)| {
+            let in_raft = membership.get_node(id).is_some();
+            let role = if voters.contains(id) { "voter" } else if in_raft { "learner" } else { "joining" };
+            let reachable =
+                *id == ctx.id || ctx.health.since_last_ok(id).is_some_and(|d| d < UNREACHABLE_AFTER);
+            let state = if metrics.current_leader == Some(*id) {
+                "leader"
+            } else if !reachable {
+                "unreachable"
+            } else if voters.contains(id) {
+                "follower"
+            } else {
+                "learner"
+            };
+            MemberStatus {
+                id: *id,
+                addrs: n.addrs.clone(),
+                role: role.into(),
+                state: state.into(),
+                healthy: reachable,
+                labels: n.labels.clone(),
+                resources: n.resources,
+                // No VMs are placed yet in this version, so all capacity is free.
+                cpus_free: n.resources.cpus,
+                memory_mib_free: n.resources.memory_mib,
+                vms: 0,
+            }
+        })
+        .collect();
+    Ok(ClusterStatus {
+        cluster_id,
+        leader: metrics.current_leader,
+        term: metrics.current_term,
+        commit_index: metrics.last_applied.map(|l| l.index).unwrap_or(0),
+        members,
+    })
+}
