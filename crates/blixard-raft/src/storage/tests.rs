@@ -1,0 +1,687 @@
+//! Storage tests: openraft's conformance suite, durability across reopen, log edge cases,
+//! corruption and a model-based property test. All on real redb files in temp dirs.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use blixard_types::command::NodeInfo;
+use blixard_types::{ClusterId, Command, CommandResult, NodeId, Request, Role};
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{
+    AnyError, CommittedLeaderId, EntryPayload, LogState, Membership, RaftLogReader, RaftSnapshotBuilder, StorageError,
+    StorageIOError, StoredMembership, Vote,
+};
+use proptest::prelude::*;
+use tempfile::TempDir;
+
+use super::*;
+use crate::RaftNode;
+
+openraft::declare_raft_types!(
+    /// Same payloads as `TypeConfig`, but `u64` node ids, as openraft's suite requires.
+    pub TestConfig:
+        D = Request,
+        R = Response,
+        NodeId = u64,
+        Node = RaftNode,
+        Entry = openraft::Entry<TestConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+type TLog = LogStore<TestConfig>;
+type TSm = StateMachineStore<TestConfig>;
+type TEntry = openraft::Entry<TestConfig>;
+type TLogId = openraft::LogId<u64>;
+type Range = (Bound<u64>, Bound<u64>);
+
+fn log_id(term: u64, index: u64) -> TLogId {
+    TLogId::new(CommittedLeaderId::new(term, 0), index)
+}
+
+fn blank(term: u64, index: u64) -> TEntry {
+    TEntry { log_id: log_id(term, index), payload: EntryPayload::Blank }
+}
+
+fn normal(term: u64, index: u64, req: Request) -> TEntry {
+    TEntry { log_id: log_id(term, index), payload: EntryPayload::Normal(req) }
+}
+
+fn membership(term: u64, index: u64, voters: &[u64]) -> TEntry {
+    let voters: BTreeSet<u64> = voters.iter().copied().collect();
+    TEntry { log_id: log_id(term, index), payload: EntryPayload::Membership(Membership::new(vec![voters], ())) }
+}
+
+fn key(n: u8) -> NodeId {
+    NodeId([n; 32])
+}
+
+fn bootstrap() -> Request {
+    Request {
+        at_ms: 1,
+        by: key(1),
+        cmd: Command::Bootstrap { cluster_id: ClusterId([7; 16]), node: key(1), info: NodeInfo::default() },
+    }
+}
+
+fn ticket(i: u8) -> Request {
+    Request {
+        at_ms: 2,
+        by: key(1),
+        cmd: Command::CreateTicket { secret_hash: [i; 32], role: Role::Voter, expires_at_ms: 10_000 },
+    }
+}
+
+fn db_path(dir: &TempDir) -> PathBuf {
+    dir.path().join("raft.redb")
+}
+
+fn open_test(path: &Path) -> (TLog, TSm) {
+    open_with::<TestConfig>(path).unwrap()
+}
+
+async fn all_entries(log: &mut TLog) -> Vec<TEntry> {
+    log.try_get_log_entries(..).await.unwrap()
+}
+
+fn indexes(entries: &[TEntry]) -> Vec<u64> {
+    entries.iter().map(|e| e.log_id.index).collect()
+}
+
+/// Writes raw bytes into a table row, bypassing the store.
+fn poke(db: &redb::Database, f: impl FnOnce(&redb::WriteTransaction)) {
+    let txn = db.begin_write().unwrap();
+    f(&txn);
+    txn.commit().unwrap();
+}
+
+fn error_text(e: &StorageError<u64>) -> String {
+    e.to_string()
+}
+
+// ---- 1. openraft's conformance suite ----
+
+struct RedbStoreBuilder;
+
+impl StoreBuilder<TestConfig, TLog, TSm, TempDir> for RedbStoreBuilder {
+    async fn build(&self) -> Result<(TempDir, TLog, TSm), StorageError<u64>> {
+        let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
+        let (log, sm) =
+            open_with::<TestConfig>(&db_path(&dir)).map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn storage_passes_openraft_suite() {
+    // The suite makes its own tokio runtime per case, so this is a plain #[test].
+    Suite::test_all(RedbStoreBuilder).unwrap();
+}
+
+// ---- 2. durability across reopen ----
+
+#[tokio::test]
+async fn storage_log_vote_and_committed_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let entries = vec![
+        membership(1, 0, &[1, 2, 3]),
+        blank(1, 1),
+        normal(1, 2, bootstrap()),
+        normal(2, 3, ticket(1)),
+        blank(2, 4),
+    ];
+    let vote = Vote::new_committed(2, 1);
+    {
+        let (mut log, _sm) = open_test(&path);
+        log.blocking_append(entries.clone()).await.unwrap();
+        log.save_committed(Some(log_id(2, 3))).await.unwrap();
+        log.save_vote(&vote).await.unwrap();
+    }
+    let (mut log, sm) = open_test(&path);
+    assert_eq!(all_entries(&mut log).await, entries);
+    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2, 3)));
+    assert_eq!(
+        log.get_log_state().await.unwrap(),
+        LogState { last_purged_log_id: None, last_log_id: Some(log_id(2, 4)) }
+    );
+    // No snapshot yet: the state machine starts empty, openraft re-applies the log.
+    assert_eq!(sm.shared().read().unwrap().last_applied, None);
+
+    // save_committed is not fsync'd, but a clean close makes it durable.
+    log.save_committed(Some(log_id(2, 4))).await.unwrap();
+    drop((log, sm));
+    let (mut log, _sm) = open_test(&path);
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2, 4)));
+}
+
+#[tokio::test]
+async fn storage_snapshot_and_purge_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let first = vec![
+        membership(1, 1, &[1]),
+        normal(1, 2, bootstrap()),
+        normal(1, 3, ticket(1)),
+        normal(1, 4, ticket(2)),
+        blank(2, 5),
+    ];
+    let (built, state_at_5) = {
+        let (mut log, mut sm) = open_test(&path);
+        log.blocking_append(first.clone()).await.unwrap();
+        let replies = sm.apply(first.clone()).await.unwrap();
+        assert_eq!(replies, vec![CommandResult::Ok; 5]);
+        let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(built.meta.last_log_id, Some(log_id(2, 5)));
+        assert!(built.meta.snapshot_id.starts_with("2-5-"), "{}", built.meta.snapshot_id);
+        log.purge(log_id(1, 3)).await.unwrap();
+        // Entries after the snapshot: in the log, applied in memory only.
+        let later = vec![normal(2, 6, ticket(3)), blank(2, 7)];
+        log.blocking_append(later.clone()).await.unwrap();
+        sm.apply(later).await.unwrap();
+        log.save_committed(Some(log_id(2, 7))).await.unwrap();
+        let state_at_5 = {
+            let applied = sm.shared();
+            let applied = applied.read().unwrap();
+            assert_eq!(applied.state.tickets.len(), 3);
+            let mut s = applied.state.clone();
+            s.tickets.remove(&[3; 32]);
+            s
+        };
+        (built, state_at_5)
+    };
+
+    let (mut log, mut sm) = open_test(&path);
+    {
+        let applied = sm.shared();
+        let applied = applied.read().unwrap();
+        assert_eq!(applied.state, state_at_5, "the state is loaded from the snapshot");
+        assert_eq!(applied.last_applied, Some(log_id(2, 5)));
+        assert_eq!(applied.membership, built.meta.last_membership);
+    }
+    let (applied, mem) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(2, 5)));
+    assert_eq!(mem, StoredMembership::new(Some(log_id(1, 1)), Membership::new(vec![BTreeSet::from([1])], ())));
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, built.meta);
+    assert_eq!(current.snapshot.get_ref(), built.snapshot.get_ref());
+    assert_eq!(
+        log.get_log_state().await.unwrap(),
+        LogState { last_purged_log_id: Some(log_id(1, 3)), last_log_id: Some(log_id(2, 7)) }
+    );
+    assert_eq!(indexes(&all_entries(&mut log).await), vec![4, 5, 6, 7]);
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2, 7)));
+    // The snapshot counter survives: a new snapshot gets a new id.
+    let again = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_ne!(again.meta.snapshot_id, built.meta.snapshot_id);
+}
+
+// ---- 3. truncate, purge, ranges ----
+
+#[tokio::test]
+async fn storage_truncate_removes_the_conflicting_suffix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = open_test(&db_path(&dir));
+    log.blocking_append((1..=10).map(|i| blank(1, i))).await.unwrap();
+    log.truncate(log_id(1, 6)).await.unwrap();
+    assert_eq!(indexes(&all_entries(&mut log).await), vec![1, 2, 3, 4, 5]);
+    assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(log_id(1, 5)));
+    // The new leader's entries replace the truncated ones.
+    log.blocking_append([blank(2, 6), normal(2, 7, ticket(1))]).await.unwrap();
+    let entries = all_entries(&mut log).await;
+    assert_eq!(indexes(&entries), vec![1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(entries[5].log_id, log_id(2, 6));
+    // Truncating past the end is a no-op; truncating everything empties the log.
+    log.truncate(log_id(2, 100)).await.unwrap();
+    assert_eq!(all_entries(&mut log).await.len(), 7);
+    log.truncate(log_id(0, 0)).await.unwrap();
+    assert!(all_entries(&mut log).await.is_empty());
+    assert_eq!(log.get_log_state().await.unwrap(), LogState { last_purged_log_id: None, last_log_id: None });
+}
+
+#[tokio::test]
+async fn storage_purge_semantics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = open_test(&db_path(&dir));
+    log.blocking_append((0..=10).map(|i| blank(1, i))).await.unwrap();
+    log.purge(log_id(1, 3)).await.unwrap();
+    assert_eq!(indexes(&all_entries(&mut log).await), (4..=10).collect::<Vec<_>>());
+    // A purge never moves backwards.
+    log.purge(log_id(1, 2)).await.unwrap();
+    assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(log_id(1, 3)));
+    assert_eq!(all_entries(&mut log).await.len(), 7);
+    // Purging past the end (after installing a snapshot) empties the log; the last log id is
+    // then the purged one and appending continues after it.
+    log.purge(log_id(3, 20)).await.unwrap();
+    assert!(all_entries(&mut log).await.is_empty());
+    assert_eq!(
+        log.get_log_state().await.unwrap(),
+        LogState { last_purged_log_id: Some(log_id(3, 20)), last_log_id: Some(log_id(3, 20)) }
+    );
+    log.blocking_append([blank(3, 21)]).await.unwrap();
+    assert_eq!(
+        log.get_log_state().await.unwrap(),
+        LogState { last_purged_log_id: Some(log_id(3, 20)), last_log_id: Some(log_id(3, 21)) }
+    );
+}
+
+#[tokio::test]
+async fn storage_empty_and_odd_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = open_test(&db_path(&dir));
+    assert_eq!(log.get_log_state().await.unwrap(), LogState { last_purged_log_id: None, last_log_id: None });
+    assert!(all_entries(&mut log).await.is_empty());
+    log.blocking_append(Vec::<TEntry>::new()).await.unwrap();
+    log.blocking_append((1..=5).map(|i| blank(1, i))).await.unwrap();
+    let mut reader = log.get_log_reader().await;
+    #[allow(clippy::reversed_empty_ranges)]
+    let empty: Vec<Range> = vec![
+        (Bound::Included(3), Bound::Excluded(3)),
+        (Bound::Included(4), Bound::Excluded(2)),
+        (Bound::Included(4), Bound::Included(2)),
+        (Bound::Excluded(5), Bound::Unbounded),
+        (Bound::Unbounded, Bound::Included(0)),
+        (Bound::Unbounded, Bound::Excluded(0)),
+        (Bound::Excluded(u64::MAX), Bound::Unbounded),
+        (Bound::Included(6), Bound::Included(u64::MAX)),
+        (Bound::Excluded(2), Bound::Excluded(3)),
+    ];
+    for range in empty {
+        assert!(reader.try_get_log_entries(range).await.unwrap().is_empty(), "{range:?}");
+    }
+    let some: Vec<(Range, Vec<u64>)> = vec![
+        ((Bound::Included(2), Bound::Included(3)), vec![2, 3]),
+        ((Bound::Excluded(1), Bound::Included(2)), vec![2]),
+        ((Bound::Unbounded, Bound::Unbounded), vec![1, 2, 3, 4, 5]),
+        ((Bound::Included(0), Bound::Excluded(u64::MAX)), vec![1, 2, 3, 4, 5]),
+        ((Bound::Included(4), Bound::Excluded(100)), vec![4, 5]),
+    ];
+    for (range, want) in some {
+        assert_eq!(indexes(&reader.try_get_log_entries(range).await.unwrap()), want, "{range:?}");
+    }
+    assert_eq!(indexes(&log.limited_get_log_entries(2, 4).await.unwrap()), vec![2, 3]);
+}
+
+// ---- state machine ----
+
+#[tokio::test]
+async fn storage_apply_returns_state_machine_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open_test(&db_path(&dir));
+    let shared = sm.shared();
+    let replies = sm
+        .apply([
+            normal(1, 1, ticket(1)),
+            normal(1, 2, bootstrap()),
+            blank(1, 3),
+            normal(1, 4, bootstrap()),
+            membership(1, 5, &[1, 2]),
+            normal(1, 6, ticket(1)),
+            normal(1, 7, ticket(1)),
+        ])
+        .await
+        .unwrap();
+    use blixard_types::command::Refusal;
+    assert_eq!(
+        replies,
+        vec![
+            CommandResult::Refused(Refusal::NotBootstrapped),
+            CommandResult::Ok,
+            CommandResult::Ok,
+            CommandResult::Refused(Refusal::AlreadyBootstrapped),
+            CommandResult::Ok,
+            CommandResult::Ok,
+            CommandResult::Refused(Refusal::DuplicateTicket),
+        ]
+    );
+    let applied = shared.read().unwrap();
+    assert_eq!(applied.last_applied, Some(log_id(1, 7)));
+    assert_eq!(applied.membership.log_id(), &Some(log_id(1, 5)));
+    assert_eq!(applied.state.cluster_id, Some(ClusterId([7; 16])));
+    assert_eq!(applied.state.tickets.len(), 1);
+}
+
+#[tokio::test]
+async fn storage_install_snapshot_replaces_state_and_persists() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let follower_dir = tempfile::tempdir().unwrap();
+    let (_l_log, mut leader) = open_test(&db_path(&leader_dir));
+    leader.apply([membership(1, 1, &[1]), normal(1, 2, bootstrap()), normal(1, 3, ticket(9))]).await.unwrap();
+    let snap = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    {
+        let (_f_log, mut follower) = open_test(&db_path(&follower_dir));
+        follower.apply([blank(1, 1)]).await.unwrap();
+        follower.install_snapshot(&snap.meta, snap.snapshot.clone()).await.unwrap();
+        assert_eq!(follower.shared().read().unwrap().state, leader.shared().read().unwrap().state);
+        assert_eq!(follower.applied_state().await.unwrap().0, Some(log_id(1, 3)));
+    }
+    let (_f_log, mut follower) = open_test(&db_path(&follower_dir));
+    assert_eq!(follower.shared().read().unwrap().state, leader.shared().read().unwrap().state);
+    assert_eq!(follower.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
+
+    // A newer snapshot is not overwritten by an older one built concurrently.
+    let older = {
+        let mut m = snap.meta.clone();
+        m.last_log_id = Some(log_id(1, 1));
+        m
+    };
+    let (written, _) =
+        super::state_machine::tests_support::persist::<TestConfig>(follower.db(), &older, vec![1, 2, 3]).unwrap();
+    assert!(!written);
+    assert_eq!(follower.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
+}
+
+#[tokio::test]
+async fn storage_install_snapshot_rejects_garbage_and_keeps_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open_test(&db_path(&dir));
+    sm.apply([membership(1, 1, &[1]), normal(1, 2, bootstrap())]).await.unwrap();
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let before = sm.shared().read().unwrap().clone();
+
+    let mut meta = snap.meta.clone();
+    meta.last_log_id = Some(log_id(5, 50));
+    meta.snapshot_id = "5-50-1".into();
+    let err = sm.install_snapshot(&meta, Box::new(Cursor::new(vec![0xff; 40]))).await.unwrap_err();
+    assert!(error_text(&err).contains("corrupt snapshot 5-50-1"), "{err}");
+    // Valid bytes that do not match their metadata are refused too.
+    let err = sm.install_snapshot(&meta, snap.snapshot.clone()).await.unwrap_err();
+    assert!(error_text(&err).contains("does not match its metadata"), "{err}");
+
+    let after = sm.shared().read().unwrap().clone();
+    assert_eq!(after.state, before.state);
+    assert_eq!(after.last_applied, before.last_applied);
+    assert_eq!(sm.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
+}
+
+// ---- 4. corruption ----
+
+#[tokio::test]
+async fn storage_corrupt_log_row_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = open_test(&db_path(&dir));
+    log.blocking_append((1..=5).map(|i| blank(1, i))).await.unwrap();
+    poke(log.db(), |txn| {
+        txn.open_table(LOG).unwrap().insert(3, [0xff_u8, 0xff, 0xff, 0xff, 0xff, 0xff].as_slice()).unwrap();
+    });
+    let err = log.try_get_log_entries(..).await.unwrap_err();
+    assert!(error_text(&err).contains("corrupt log entry at index 3"), "{err}");
+    assert!(error_text(&err).contains("Read"), "{err}");
+    // Rows around it still read.
+    assert_eq!(indexes(&log.try_get_log_entries(1..3).await.unwrap()), vec![1, 2]);
+    assert_eq!(indexes(&log.try_get_log_entries(4..).await.unwrap()), vec![4, 5]);
+
+    // A valid entry stored under the wrong index is corrupt too; get_log_state reads the last.
+    let misplaced = postcard::to_allocvec(&blank(1, 2)).unwrap();
+    poke(log.db(), |txn| {
+        txn.open_table(LOG).unwrap().insert(5, misplaced.as_slice()).unwrap();
+    });
+    let err = log.get_log_state().await.unwrap_err();
+    assert!(error_text(&err).contains("corrupt log entry at index 5: it holds the entry of index 2"), "{err}");
+
+    // A truncated row.
+    let mut short = postcard::to_allocvec(&normal(1, 4, ticket(1))).unwrap();
+    short.truncate(short.len() / 2);
+    poke(log.db(), |txn| {
+        txn.open_table(LOG).unwrap().insert(4, short.as_slice()).unwrap();
+    });
+    assert!(log.try_get_log_entries(4..5).await.is_err());
+}
+
+#[tokio::test]
+async fn storage_corrupt_vote_and_meta_rows_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = open_test(&db_path(&dir));
+    log.blocking_append((1..=3).map(|i| blank(1, i))).await.unwrap();
+    poke(log.db(), |txn| {
+        let mut meta = txn.open_table(META).unwrap();
+        meta.insert(KEY_VOTE, [0xff_u8; 3].as_slice()).unwrap();
+        meta.insert(KEY_COMMITTED, [0x01_u8].as_slice()).unwrap();
+        meta.insert(KEY_LAST_PURGED, [0x80_u8].as_slice()).unwrap();
+    });
+    let err = log.read_vote().await.unwrap_err();
+    assert!(error_text(&err).contains("corrupt vote record"), "{err}");
+    assert!(log.read_committed().await.is_err());
+    let err = log.get_log_state().await.unwrap_err();
+    assert!(error_text(&err).contains("corrupt last purged log id"), "{err}");
+    assert!(log.purge(log_id(1, 1)).await.is_err());
+}
+
+#[tokio::test]
+async fn storage_corrupt_snapshot_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    {
+        let (_log, mut sm) = open_test(&path);
+        sm.apply([membership(1, 1, &[1]), normal(1, 2, bootstrap())]).await.unwrap();
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        poke(sm.db(), |txn| {
+            txn.open_table(SNAPSHOT).unwrap().insert(KEY_SNAPSHOT_META, [0xde_u8, 0xad].as_slice()).unwrap();
+        });
+        let err = sm.get_current_snapshot().await.unwrap_err();
+        assert!(error_text(&err).contains("corrupt snapshot metadata"), "{err}");
+    }
+    let err = open_with::<TestConfig>(&path).unwrap_err();
+    assert!(matches!(&err, OpenError::Corrupt { source, .. } if source.what() == "snapshot metadata"), "{err:?}");
+
+    // Good metadata, garbage data: found at open.
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    {
+        let (_log, mut sm) = open_test(&path);
+        sm.apply([membership(1, 1, &[1]), normal(1, 2, bootstrap())]).await.unwrap();
+        let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let mut data = snap.snapshot.into_inner();
+        data.truncate(data.len() - 3);
+        poke(sm.db(), |txn| {
+            txn.open_table(SNAPSHOT).unwrap().insert(KEY_SNAPSHOT_DATA, data.as_slice()).unwrap();
+        });
+    }
+    let err = open_with::<TestConfig>(&path).unwrap_err();
+    assert!(matches!(&err, OpenError::Corrupt { source, .. } if source.what().starts_with("snapshot 1-2-")), "{err:?}");
+
+    // A missing half is corrupt as well.
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    {
+        let (_log, mut sm) = open_test(&path);
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        poke(sm.db(), |txn| {
+            txn.open_table(SNAPSHOT).unwrap().remove(KEY_SNAPSHOT_DATA).unwrap();
+        });
+        assert!(sm.get_current_snapshot().await.is_err());
+    }
+    assert!(matches!(open_with::<TestConfig>(&path), Err(OpenError::Corrupt { .. })));
+}
+
+#[test]
+fn storage_refuses_unknown_schema_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    {
+        let (log, _sm) = open_test(&path);
+        poke(log.db(), |txn| {
+            txn.open_table(META)
+                .unwrap()
+                .insert(KEY_SCHEMA, postcard::to_allocvec(&99u32).unwrap().as_slice())
+                .unwrap();
+        });
+    }
+    let err = open_with::<TestConfig>(&path).unwrap_err();
+    assert!(matches!(err, OpenError::UnsupportedVersion { found: 99, supported: SCHEMA_VERSION, .. }), "{err:?}");
+}
+
+#[test]
+fn storage_open_reports_unopenable_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = open(&dir.path().join("missing-dir").join("raft.redb")).unwrap_err();
+    assert!(matches!(err, OpenError::Database { .. }), "{err:?}");
+    assert!(err.to_string().contains("missing-dir"), "{err}");
+}
+
+#[test]
+fn storage_default_config_is_valid() {
+    let config = default_config();
+    assert_eq!(config.heartbeat_interval, 100);
+    assert_eq!((config.election_timeout_min, config.election_timeout_max), (300, 600));
+    assert_eq!(config.purge_batch_size, 256);
+    assert!(config.validate().is_ok());
+}
+
+// ---- the production TypeConfig, and the cost of one fsync'd append ----
+
+#[tokio::test]
+async fn storage_append_latency_with_type_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = open(&db_path(&dir)).unwrap();
+    let leader = NodeId([1; 32]);
+    let entry = |i: u64| crate::Entry {
+        log_id: crate::LogId::new(CommittedLeaderId::new(1, leader), i),
+        payload: EntryPayload::Normal(ticket((i % 251) as u8)),
+    };
+    // Warm up (fresh memory is slow on this VM).
+    for i in 1..=100 {
+        log.blocking_append([entry(i)]).await.unwrap();
+    }
+    const N: u64 = 1_000;
+    let start = Instant::now();
+    for i in 101..101 + N {
+        log.blocking_append([entry(i)]).await.unwrap();
+    }
+    let per = start.elapsed() / N as u32;
+    println!("fsync'd append of one small entry: {} µs mean over {N}", per.as_micros());
+    let mut reader = log.get_log_reader().await;
+    let got = reader.try_get_log_entries(500..=500).await.unwrap();
+    assert_eq!(got, vec![entry(500)]);
+}
+
+// ---- 5. model-based property test ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append { n: u8, new_term: bool },
+    Truncate(u16),
+    Purge(u16),
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1u8..6, any::<bool>()).prop_map(|(n, new_term)| Op::Append { n, new_term }),
+        2 => any::<u16>().prop_map(Op::Truncate),
+        2 => any::<u16>().prop_map(Op::Purge),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+#[derive(Default)]
+struct Model {
+    log: BTreeMap<u64, TLogId>,
+    last_purged: Option<TLogId>,
+    term: u64,
+}
+
+impl Model {
+    fn next_index(&self) -> u64 {
+        match (self.log.keys().next_back(), &self.last_purged) {
+            (Some(&last), _) => last + 1,
+            (None, Some(p)) => p.index + 1,
+            (None, None) => 0,
+        }
+    }
+
+    /// Lowest index openraft may truncate or purge from: above what is purged.
+    fn floor(&self) -> u64 {
+        self.last_purged.map_or(0, |p| p.index + 1)
+    }
+
+    fn state(&self) -> LogState<TestConfig> {
+        LogState {
+            last_purged_log_id: self.last_purged,
+            last_log_id: self.log.values().next_back().copied().or(self.last_purged),
+        }
+    }
+}
+
+async fn check(log: &mut TLog, model: &Model) -> Result<(), TestCaseError> {
+    prop_assert_eq!(log.get_log_state().await.unwrap(), model.state());
+    let entries = all_entries(log).await;
+    let got: Vec<TLogId> = entries.iter().map(|e| e.log_id).collect();
+    let want: Vec<TLogId> = model.log.values().copied().collect();
+    prop_assert_eq!(&got, &want);
+    // Contiguous, starting right after the purged prefix.
+    if let Some(first) = got.first() {
+        prop_assert_eq!(first.index, model.floor());
+    }
+    prop_assert!(got.windows(2).all(|w| w[1].index == w[0].index + 1), "hole in {:?}", got);
+    // A middle sub-range matches too.
+    if got.len() > 2 {
+        let (a, b) = (got[1].index, got[got.len() - 1].index);
+        let sub = log.try_get_log_entries(a..b).await.unwrap();
+        prop_assert_eq!(sub.len() as u64, b - a);
+    }
+    Ok(())
+}
+
+async fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let (mut log, mut sm) = open_test(&path);
+    let mut model = Model { term: 1, ..Model::default() };
+    for op in ops {
+        match op {
+            Op::Append { n, new_term } => {
+                if new_term {
+                    model.term += 1;
+                }
+                let start = model.next_index();
+                let entries: Vec<TEntry> = (start..start + u64::from(n))
+                    .map(|i| if i % 2 == 0 { blank(model.term, i) } else { normal(model.term, i, ticket(i as u8)) })
+                    .collect();
+                for e in &entries {
+                    model.log.insert(e.log_id.index, e.log_id);
+                }
+                log.blocking_append(entries).await.unwrap();
+            }
+            Op::Truncate(pick) => {
+                let (lo, hi) = (model.floor(), model.next_index());
+                let at = lo + u64::from(pick) % (hi - lo + 1);
+                model.log.retain(|&i, _| i < at);
+                log.truncate(log_id(model.term, at)).await.unwrap();
+            }
+            Op::Purge(pick) => {
+                // Up to two past the end, as after installing a snapshot.
+                let (lo, hi) = (model.floor(), model.next_index() + 1);
+                let at = lo + u64::from(pick) % (hi - lo + 1);
+                let id = model.log.get(&at).copied().unwrap_or_else(|| log_id(model.term, at));
+                model.log.retain(|&i, _| i > at);
+                model.last_purged = Some(id);
+                log.purge(id).await.unwrap();
+            }
+            Op::Reopen => {
+                drop((log, sm));
+                (log, sm) = open_test(&path);
+            }
+        }
+        check(&mut log, &model).await?;
+    }
+    drop(sm);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn storage_log_matches_model(ops in prop::collection::vec(op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run_ops(ops))?;
+    }
+}
