@@ -164,11 +164,21 @@ pub struct Pool {
     endpoint: Endpoint,
     alpn: &'static [u8],
     conns: Arc<Mutex<HashMap<NodeId, Connection>>>,
+    connect_timeout: Duration,
 }
+
+/// How long a dial may take by default: a dead peer should not hold a request much longer.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Pool {
     pub fn new(endpoint: Endpoint, alpn: &'static [u8]) -> Self {
-        Self { endpoint, alpn, conns: Default::default() }
+        Self { endpoint, alpn, conns: Default::default(), connect_timeout: DEFAULT_CONNECT_TIMEOUT }
+    }
+
+    /// Sets how long one dial may take (relayed paths need longer than direct ones).
+    pub fn with_connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -203,10 +213,9 @@ impl Pool {
         if addrs.is_empty() {
             return Err(RpcError::NoAddress(*peer));
         }
-        let conn = self
-            .endpoint
-            .connect(addr, self.alpn)
+        let conn = tokio::time::timeout(self.connect_timeout, self.endpoint.connect(addr, self.alpn))
             .await
+            .map_err(|_| RpcError::Connect { peer: *peer, reason: format!("no answer within {:?}", self.connect_timeout) })?
             .map_err(|e| RpcError::Connect { peer: *peer, reason: e.to_string() })?;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         // Another task may have dialled meanwhile: keep the first live one.
@@ -218,6 +227,67 @@ impl Pool {
             }
         };
         Ok(conn)
+    }
+
+    /// Connects to the first of `peers` that answers: dials them in order, starting the
+    /// next one `stagger` after the previous if it has not connected yet (happy eyeballs),
+    /// so a dead peer early in the list costs `stagger`, not a timeout.
+    pub async fn connect_any(
+        &self,
+        peers: &[(NodeId, Vec<SocketAddr>)],
+        stagger: Duration,
+        timeout: Duration,
+    ) -> Result<(NodeId, Connection), RpcError> {
+        let mut set = tokio::task::JoinSet::new();
+        let mut errors = Vec::new();
+        let mut next = peers.iter();
+        let race = async {
+            loop {
+                if let Some((id, addrs)) = next.next() {
+                    let (pool, id, addrs) = (self.clone(), *id, addrs.clone());
+                    set.spawn(async move { (id, pool.connect(&id, &addrs).await) });
+                } else if set.is_empty() {
+                    return Err(());
+                }
+                let tick = tokio::time::sleep(stagger);
+                tokio::pin!(tick);
+                loop {
+                    tokio::select! {
+                        Some(joined) = set.join_next() => match joined {
+                            Ok((id, Ok(conn))) => return Ok((id, conn)),
+                            Ok((_, Err(e))) => { errors.push(e.to_string()); if next.len() > 0 { break } }
+                            Err(e) => errors.push(e.to_string()),
+                        },
+                        _ = &mut tick, if next.len() > 0 => break,
+                        else => return Err(()),
+                    }
+                }
+            }
+        };
+        let first = peers.first().map(|p| p.0).unwrap_or_default();
+        match tokio::time::timeout(timeout, race).await {
+            Ok(Ok(hit)) => Ok(hit),
+            Ok(Err(())) => Err(RpcError::Connect { peer: first, reason: errors.join("; ") }),
+            Err(_) => Err(RpcError::Timeout { peer: first, after: timeout }),
+        }
+    }
+
+    /// Sends `req` on an established connection to `peer`.
+    pub async fn call_conn<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        peer: NodeId,
+        conn: &Connection,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RpcError> {
+        match tokio::time::timeout(timeout, call_on(conn, req)).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
+                self.forget(&peer, conn);
+                Err(e.attribute(peer))
+            }
+            Err(_) => Err(RpcError::Timeout { peer, after: timeout }),
+        }
     }
 
     /// Sends `req` to `peer` and returns its response, within `timeout`.

@@ -12,6 +12,10 @@ use iroh::{Endpoint, SecretKey};
 
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long to wait for one member to connect before also trying the next.
+const CONNECT_STAGGER: Duration = Duration::from_millis(150);
+/// How long to wait for any member to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a client request failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,36 +71,43 @@ impl Client {
         }
     }
 
+    /// Sends `req` once, on a connection to whichever ticket member connects first.
+    async fn send<Req: serde::Serialize + Sync, Resp: serde::de::DeserializeOwned>(
+        &self,
+        pool: &Pool,
+        req: &Req,
+    ) -> Result<Resp, ClientError> {
+        let peers: Vec<_> = self.ticket.peers.iter().map(|p| (p.id, p.addrs.clone())).collect();
+        let (peer, conn) = pool
+            .connect_any(&peers, CONNECT_STAGGER, CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        pool.call_conn(peer, &conn, req, REQUEST_TIMEOUT).await.map_err(|e| match e {
+            RpcError::Refused { reason, .. } => ClientError::Refused(reason),
+            other => ClientError::Unreachable(other.to_string()),
+        })
+    }
+
     async fn try_peers(&self, req: &ClientRequest) -> Result<ClientResponse, ClientError> {
-        let mut errors = Vec::new();
-        for peer in &self.ticket.peers {
-            match self.api.call(&peer.id, &peer.addrs, req, REQUEST_TIMEOUT).await {
-                Ok(ClientResponse::Error(e)) => return Err(e.into()),
-                Ok(r) => return Ok(r),
-                Err(RpcError::Refused { reason, .. }) => return Err(ClientError::Refused(reason)),
-                Err(e) => errors.push(e.to_string()),
-            }
+        match self.send(&self.api, req).await? {
+            ClientResponse::Error(e) => Err(e.into()),
+            r => Ok(r),
         }
-        Err(ClientError::Unreachable(errors.join("; ")))
     }
 
     async fn authorize(&self) -> Result<(), ClientError> {
         let pool = Pool::new(self.endpoint.clone(), alpn::JOIN);
         let req = JoinRequest::Client { ticket: self.ticket.clone() };
-        let mut errors = Vec::new();
-        for peer in &self.ticket.peers {
-            match pool.call::<_, JoinResponse>(&peer.id, &peer.addrs, &req, REQUEST_TIMEOUT).await {
-                Ok(JoinResponse::Authorized { .. }) => return Ok(()),
-                Ok(JoinResponse::Refused(reason)) => return Err(ClientError::Refused(reason)),
-                Ok(other) => return Err(ClientError::Unexpected(format!("{other:?}"))),
-                Err(e) => errors.push(e.to_string()),
-            }
+        match self.send(&pool, &req).await? {
+            JoinResponse::Authorized { .. } => Ok(()),
+            JoinResponse::Refused(reason) => Err(ClientError::Refused(reason)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
-        Err(ClientError::Unreachable(errors.join("; ")))
     }
 
-    /// Closes the endpoint (lets the peer know at once instead of timing out).
+    /// Closes the endpoint (lets the peer know at once instead of timing out). Bounded: a
+    /// dial still pending to a dead member would otherwise hold the close for seconds.
     pub async fn close(self) {
-        self.endpoint.close().await;
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.endpoint.close()).await;
     }
 }

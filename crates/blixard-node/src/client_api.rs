@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use blixard_mesh::rpc;
 use blixard_types::command::Refusal;
-use blixard_types::rpc::{ApiError, ClientRequest, ClientResponse, ClusterStatus, MemberStatus};
+use blixard_types::rpc::{ApiError, ClientRequest, ClientResponse, ClusterStatus, MemberStatus, NodeStatus};
 use blixard_types::ticket::PeerAddr;
 use blixard_types::{Command, CommandResult, NodeId, Role, Ticket};
 use iroh::endpoint::Connection;
@@ -60,6 +60,7 @@ fn kind(req: &ClientRequest) -> &'static str {
         ClientRequest::RevokeTicket { .. } => "revoke-ticket",
         ClientRequest::RemoveNode { .. } => "remove-node",
         ClientRequest::Label { .. } => "label",
+        ClientRequest::NodeStatus { .. } => "node-status",
         ClientRequest::Propose(_) => "propose",
         ClientRequest::Forwarded { .. } => "forwarded",
     }
@@ -87,9 +88,29 @@ async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<Cli
     if matches!(req, ClientRequest::Propose(_) | ClientRequest::Forwarded { .. }) {
         return Err(ApiError::Invalid("nested forwarding".into()));
     }
-    let leader = ctx.leader().await?;
-    if leader != ctx.id {
-        return ctx.forward(leader, ClientRequest::Forwarded { origin: caller, request: Box::new(req) }).await;
+    if let ClientRequest::NodeStatus { node } = &req {
+        let target = resolve(ctx, node)?;
+        if target != ctx.id {
+            return ctx.forward(target, ClientRequest::Forwarded { origin: caller, request: Box::new(req) }).await;
+        }
+        return Ok(ClientResponse::Node(node_status(ctx)));
+    }
+    // Forward to the leader; if it does not answer, leadership may be moving: look again.
+    let mut attempts = 0;
+    loop {
+        let leader = ctx.leader().await?;
+        if leader == ctx.id {
+            break;
+        }
+        let fwd = ClientRequest::Forwarded { origin: caller, request: Box::new(req.clone()) };
+        match ctx.forward(leader, fwd).await {
+            Err(e) if attempts < 5 => {
+                attempts += 1;
+                tracing::debug!(error = %e, "forwarding failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
     }
     match req {
         ClientRequest::Status => Ok(ClientResponse::Status(status(ctx).await?)),
@@ -107,7 +128,9 @@ async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<Cli
             let node = resolve(ctx, &node)?;
             remove_node(ctx, caller, node).await
         }
-        ClientRequest::Propose(_) | ClientRequest::Forwarded { .. } => unreachable_request(),
+        ClientRequest::NodeStatus { .. } | ClientRequest::Propose(_) | ClientRequest::Forwarded { .. } => {
+            unreachable_request()
+        }
     }
 }
 
@@ -170,6 +193,30 @@ pub async fn issue_ticket(ctx: &NodeCtx, by: NodeId, role: Role, expires_at_ms: 
     // The leader first: it answers joins without a redirect.
     peers.sort_by_key(|p| p.id != ctx.id);
     Ok(Ticket { cluster_id, role, expires_at_ms, secret, peers })
+}
+
+/// This node's own view (no leader involved, so it may be stale: that is the point).
+fn node_status(ctx: &NodeCtx) -> NodeStatus {
+    let m = ctx.raft.metrics().borrow().clone();
+    let applied = ctx.state.read().unwrap_or_else(|p| p.into_inner());
+    let digest = blake3::hash(&postcard::to_stdvec(&applied.state).unwrap_or_default());
+    let state = match m.state {
+        openraft::ServerState::Leader => "leader",
+        openraft::ServerState::Follower => "follower",
+        openraft::ServerState::Candidate => "candidate",
+        openraft::ServerState::Learner => "learner",
+        openraft::ServerState::Shutdown => "shutdown",
+    };
+    NodeStatus {
+        id: ctx.id,
+        state: state.into(),
+        term: m.current_term,
+        leader: m.current_leader,
+        last_log_index: m.last_log_index.unwrap_or(0),
+        last_applied: applied.last_applied.map(|l| l.index).unwrap_or(0),
+        state_digest: digest.to_hex().to_string(),
+        members: applied.state.nodes.len() as u32,
+    }
 }
 
 /// The cluster as the leader sees it, after confirming leadership (linearizable).

@@ -216,10 +216,16 @@ impl Node {
 
     async fn start_inner(cfg: NodeConfig, dir: DataDir, key: iroh::SecretKey, id: NodeId) -> Result<Node, StartError> {
         let mut local = LocalState::load(&dir.local_state()).map_err(StartError::LocalState)?;
-        let (log_store, sm_store) =
+        let (mut log_store, sm_store) =
             blixard_raft::storage::open(&dir.raft_db()).map_err(|e| StartError::Storage(e.to_string()))?;
         let state = sm_store.shared();
-        let is_member_already = state.read().unwrap_or_else(|p| p.into_inner()).state.cluster_id.is_some();
+        // The applied state holds only the last snapshot until Raft replays the log, so ask
+        // the log whether this data dir was used.
+        let is_member_already = {
+            use openraft::storage::RaftLogStorage;
+            let log = log_store.get_log_state().await.map_err(|e| StartError::Storage(e.to_string()))?;
+            log.last_log_id.is_some() || state.read().unwrap_or_else(|p| p.into_inner()).state.cluster_id.is_some()
+        };
         match (&cfg.mode, is_member_already) {
             (StartMode::Init | StartMode::Join(_), true) => {
                 return Err(StartError::AlreadyMember(dir.path().display().to_string()))

@@ -45,6 +45,9 @@ pub enum ClientRequest {
     RemoveNode { node: String },
     /// Sets and removes labels of a node (id or unique prefix).
     Label { node: String, set: BTreeMap<String, String>, remove: Vec<String> },
+    /// What one node itself knows (its own Raft view and applied state), answered by that
+    /// node (forwarded to it if needed), not by the leader.
+    NodeStatus { node: String },
     /// A member forwarding a proposal to the leader on behalf of `Request::by`.
     /// Accepted only from members.
     Propose(Request),
@@ -57,6 +60,7 @@ pub enum ClientRequest {
 pub enum ClientResponse {
     Status(ClusterStatus),
     Ticket { ticket: String, id: String, expires_at_ms: u64 },
+    Node(NodeStatus),
     Ok,
     Error(ApiError),
 }
@@ -103,4 +107,19 @@ pub struct MemberStatus {
     pub cpus_free: u32,
     pub memory_mib_free: u64,
     pub vms: u32,
+}
+
+/// One node's own view. Field names are the `--json` contract.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    /// `leader`, `follower`, `learner` or `candidate`.
+    pub state: String,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: u64,
+    pub last_applied: u64,
+    /// BLAKE3 of the applied cluster state: equal on replicas that applied the same log.
+    pub state_digest: String,
+    pub members: u32,
 }

@@ -46,6 +46,8 @@ enum Cmd {
 enum NodeCmd {
     /// Run a node in the foreground (stops cleanly on SIGTERM/SIGINT).
     Run(run::RunArgs),
+    /// One node's own view: its Raft state, applied index and state digest.
+    Status { node: String },
     /// Add or update labels (k=v), or remove them (k-).
     Label {
         node: String,
@@ -111,6 +113,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (set, remove) = parse_labels(&labels)?;
             let req = ClientRequest::Label { node, set, remove };
             expect_ok(request(&cli.ticket, &cli.data_dir, &req).await?, cli.json)
+        }
+        Cmd::Node(NodeCmd::Status { node }) => {
+            let resp = request(&cli.ticket, &cli.data_dir, &ClientRequest::NodeStatus { node }).await?;
+            let ClientResponse::Node(n) = resp else { bail!("unexpected answer: {resp:?}") };
+            if cli.json {
+                output::json(&n)
+            } else {
+                output::node_status(&n)
+            }
         }
         Cmd::Cluster(ClusterCmd::Ticket { role, ttl }) => {
             let resp = request(&cli.ticket, &cli.data_dir, &ClientRequest::CreateTicket { role, ttl_ms: ttl }).await?;

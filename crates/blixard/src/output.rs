@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use blixard_types::rpc::ClusterStatus;
+use blixard_types::rpc::{ClusterStatus, NodeStatus};
 use serde::Serialize;
 
 /// Prints one JSON document.
@@ -39,5 +39,15 @@ pub fn status(s: &ClusterStatus) -> anyhow::Result<()> {
             labels.join(",")
         )?;
     }
+    Ok(())
+}
+
+pub fn node_status(n: &NodeStatus) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let leader = n.leader.map(|l| l.short()).unwrap_or_else(|| "none".into());
+    writeln!(out, "node {}", n.id)?;
+    writeln!(out, "state {}  term {}  leader {}", n.state, n.term, leader)?;
+    writeln!(out, "last log {}  applied {}  members {}", n.last_log_index, n.last_applied, n.members)?;
+    writeln!(out, "state digest {}", n.state_digest)?;
     Ok(())
 }

@@ -1,0 +1,142 @@
+//! Real `blixard` processes on loopback: join, failover, restart, growth, removal.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Init one node, join two by ticket: 3 voters, one leader, healthy.
+fn three_nodes() -> Cluster {
+    let mut c = Cluster::new();
+    c.init();
+    let t = c.ticket("voter", "10m");
+    c.join(1, &t).expect("join 1");
+    c.join(2, &t).expect("join 2");
+    wait_for("3 healthy voters", Duration::from_secs(20), || {
+        let s = c.status().ok()?;
+        let healthy = members(&s).iter().filter(|m| m["healthy"] == true).count();
+        (count_role(&s, "voter") == 3 && healthy == 3 && leader(&s).is_some()).then_some(())
+    });
+    c.refresh_client_ticket();
+    c
+}
+
+#[test]
+fn three_nodes_join_and_agree() {
+    let c = three_nodes();
+    let s = c.status().expect("status");
+    assert_eq!(count_role(&s, "voter"), 3, "{s:#}");
+    let leaders = members(&s).iter().filter(|m| m["state"] == "leader").count();
+    assert_eq!(leaders, 1, "{s:#}");
+    // Labels are written through Raft and visible to all.
+    c.cli_ok(&["node", "label", &c.nodes[1].id[..10], "zone=a", "disk=ssd"]);
+    c.cli_ok(&["node", "label", &c.nodes[1].id[..10], "disk-"]);
+    let s = c.status().expect("status");
+    let m = members(&s).into_iter().find(|m| m["id"] == c.nodes[1].id.as_str()).expect("member");
+    assert_eq!(m["labels"], serde_json::json!({"zone": "a"}));
+    // Every replica applies the same state.
+    wait_for("equal state digests", Duration::from_secs(5), || {
+        let digests: Vec<String> = c
+            .nodes
+            .iter()
+            .map(|n| c.json(&["node", "status", &n.id]).ok().map(|v| v["state_digest"].to_string()))
+            .collect::<Option<_>>()?;
+        digests.windows(2).all(|w| w[0] == w[1]).then_some(())
+    });
+}
+
+#[test]
+fn leader_failover_restart_and_full_restart() {
+    let mut c = three_nodes();
+    let s = c.status().expect("status");
+    let old = leader(&s).expect("leader");
+    let old_i = c.index_of(&old);
+    let killed_at = Instant::now();
+    c.kill9(old_i);
+    // Ask the survivors themselves (no forwarding through the dead leader).
+    let survivors: Vec<String> = c.nodes.iter().filter(|n| n.id != old).map(|n| n.id.clone()).collect();
+    let new = wait_for("a new leader", Duration::from_secs(10), || {
+        survivors.iter().find_map(|id| {
+            let v = c.json(&["node", "status", id]).ok()?;
+            (v["state"] == "leader").then(|| id.clone())
+        })
+    });
+    let failover = killed_at.elapsed();
+    eprintln!("failover: new leader {} after {failover:?}", &new[..10]);
+    assert!(failover < Duration::from_secs(2), "failover took {failover:?}");
+    // Writes continue without the old leader.
+    let other = c.nodes.iter().find(|n| n.id != old).expect("other").id.clone();
+    c.cli_ok(&["node", "label", &other, "written=while-down"]);
+    // The old leader restarts, rejoins and has everything committed meanwhile.
+    c.restart(old_i);
+    let leader_now = leader(&c.status().expect("status")).expect("leader");
+    let want = c.json(&["node", "status", &leader_now]).expect("leader status")["state_digest"].clone();
+    wait_for("restarted node caught up", Duration::from_secs(10), || {
+        let v = c.json(&["node", "status", &old]).ok()?;
+        (v["state_digest"] == want).then_some(())
+    });
+    // Stop all three cleanly, start all three again: state intact.
+    for i in 0..3 {
+        c.stop(i);
+    }
+    for i in 0..3 {
+        c.restart(i);
+    }
+    let s = wait_for("cluster back after full restart", Duration::from_secs(20), || {
+        let s = c.status().ok()?;
+        (count_role(&s, "voter") == 3 && leader(&s).is_some()).then_some(s)
+    });
+    let m = members(&s).into_iter().find(|m| m["id"] == other.as_str()).expect("member");
+    assert_eq!(m["labels"]["written"], "while-down", "{s:#}");
+}
+
+#[test]
+fn grow_to_five_then_remove_one() {
+    let mut c = Cluster::new();
+    c.init();
+    let voter = c.ticket("voter", "10m");
+    let learner = c.ticket("learner", "10m");
+    for i in 1..4 {
+        c.join(i, &voter).expect("join voter");
+    }
+    c.join(4, &learner).expect("join learner");
+    let s = wait_for("4 voters + 1 learner", Duration::from_secs(20), || {
+        let s = c.status().ok()?;
+        (count_role(&s, "voter") == 4 && count_role(&s, "learner") == 1).then_some(s)
+    });
+    assert_eq!(members(&s).len(), 5);
+    c.refresh_client_ticket();
+
+    // Remove a follower.
+    let victim = c.nodes.iter().find(|n| Some(&n.id) != leader(&s).as_ref()).expect("follower").id.clone();
+    let vi = c.index_of(&victim);
+    c.cli_ok(&["cluster", "remove", &victim[..12]]);
+    let s = c.status().expect("status");
+    assert_eq!(members(&s).len(), 4, "{s:#}");
+    assert!(members(&s).iter().all(|m| m["id"] != victim.as_str()));
+    // The cluster keeps working.
+    c.cli_ok(&["node", "label", &c.nodes[0].id, "after=remove"]);
+
+    // The removed node's key is refused: as a client (with a fresh client ticket) ...
+    c.kill9(vi);
+    let removed_cfg = c.root.path().join("removed-cli");
+    std::fs::create_dir_all(&removed_cfg).expect("mkdir");
+    std::fs::copy(c.nodes[vi].dir.join("node.key"), removed_cfg.join("cli.key")).expect("copy key");
+    let client_ticket = c.ticket("client", "10m");
+    let out = std::process::Command::new(BIN)
+        .env("BLIXARD_CONFIG_DIR", &removed_cfg)
+        .args(["--ticket", &client_ticket, "cluster", "status"])
+        .output()
+        .expect("cli");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("removed"), "{err}");
+    // ... and it cannot rejoin, with its old ticket or with a new one.
+    let dir = c.nodes[vi].dir.clone();
+    std::fs::remove_file(dir.join("raft.redb")).expect("wipe raft state");
+    for t in [voter.clone(), c.ticket("voter", "10m")] {
+        let err = c.spawn(&dir, &["--join", &t]).expect_err("removed node must not rejoin");
+        assert!(err.contains("removed"), "{err}");
+    }
+}

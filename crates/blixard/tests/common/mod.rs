@@ -1,0 +1,228 @@
+//! A harness that runs real `blixard` node processes on loopback, each with its own data
+//! dir, and drives them through the real CLI.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_blixard");
+
+pub struct NodeProc {
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+    pub id: String,
+}
+
+pub struct Cluster {
+    pub root: tempfile::TempDir,
+    pub nodes: Vec<NodeProc>,
+    /// Ticket used by the CLI; refreshed to list all members.
+    pub client_ticket: Option<String>,
+}
+
+impl Cluster {
+    pub fn new() -> Self {
+        Self { root: tempfile::tempdir().expect("tempdir"), nodes: Vec::new(), client_ticket: None }
+    }
+
+    pub fn cli_config(&self) -> PathBuf {
+        self.root.path().join("cli")
+    }
+
+    pub fn node_dir(&self, i: usize) -> PathBuf {
+        self.root.path().join(format!("n{i}"))
+    }
+
+    /// Starts a node process with `args` after `node run --data-dir DIR`; waits for its
+    /// "node ID listening" line.
+    pub fn spawn(&mut self, dir: &Path, args: &[&str]) -> Result<String, String> {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["node", "run", "--data-dir"]).arg(dir).args(args);
+        cmd.env("RUST_LOG", "info,openraft=warn").stdin(Stdio::null()).stdout(Stdio::piped());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join(format!("{}.log", dir.file_name().and_then(|n| n.to_str()).unwrap_or("node"))))
+            .map_err(|e| e.to_string())?;
+        cmd.stderr(log);
+        let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next();
+            let _ = tx.send(first);
+            // Keep draining so the node never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Some(Ok(l))) => l,
+            _ => {
+                let status = child.wait().map_err(|e| e.to_string())?;
+                return Err(format!("node exited ({status}) before it was ready; log: {}", self.log_of(dir)));
+            }
+        };
+        let id = line.split_whitespace().nth(1).ok_or("bad ready line")?.to_string();
+        let idx = self.nodes.iter().position(|n| n.dir == dir);
+        let proc_ = NodeProc { dir: dir.to_path_buf(), child: Some(child), id: id.clone() };
+        match idx {
+            Some(i) => self.nodes[i] = proc_,
+            None => self.nodes.push(proc_),
+        }
+        Ok(id)
+    }
+
+    pub fn log_of(&self, dir: &Path) -> String {
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("node");
+        std::fs::read_to_string(self.root.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// `node run --init` as node 0.
+    pub fn init(&mut self) -> String {
+        let dir = self.node_dir(0);
+        let id = self.spawn(&dir, &["--init"]).expect("init node");
+        id
+    }
+
+    /// Issues a ticket of `role` through the CLI.
+    pub fn ticket(&self, role: &str, ttl: &str) -> String {
+        let out = self.cli_ok(&["cluster", "ticket", "--role", role, "--ttl", ttl]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Starts node `i` joining with `ticket`.
+    pub fn join(&mut self, i: usize, ticket: &str) -> Result<String, String> {
+        let dir = self.node_dir(i);
+        self.spawn(&dir, &["--join", ticket])
+    }
+
+    /// Runs the CLI against the cluster (admin ticket of node 0, or the refreshed client
+    /// ticket).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.env("BLIXARD_CONFIG_DIR", self.cli_config()).env_remove("BLIXARD_TICKET");
+        match &self.client_ticket {
+            Some(t) => cmd.arg("--ticket").arg(t),
+            None => cmd.arg("--data-dir").arg(self.node_dir(0)),
+        };
+        cmd.args(args).stdin(Stdio::null()).output().expect("run cli")
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> Output {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "blixard {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        out
+    }
+
+    pub fn json(&self, args: &[&str]) -> Result<Value, String> {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.cli(&a);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    pub fn status(&self) -> Result<Value, String> {
+        self.json(&["cluster", "status"])
+    }
+
+    /// Makes the CLI use a client ticket listing all current members.
+    pub fn refresh_client_ticket(&mut self) {
+        self.client_ticket = Some(self.ticket("client", "1h"));
+    }
+
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(status)) = c.try_wait() {
+                    assert!(status.success(), "node {i} exited with {status} on SIGTERM");
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    panic!("node {i} did not stop within 10 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Restarts node `i` from its data dir (resume).
+    pub fn restart(&mut self, i: usize) -> String {
+        let dir = self.nodes[i].dir.clone();
+        self.spawn(&dir, &[]).expect("restart node")
+    }
+
+    pub fn index_of(&self, id: &str) -> usize {
+        self.nodes.iter().position(|n| n.id == id).expect("known node")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::thread::panicking() {
+            for n in &self.nodes {
+                eprintln!("==== log of {} ====\n{}", n.dir.display(), tail(&self.log_of(&n.dir), 60));
+            }
+        }
+    }
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn members(status: &Value) -> Vec<Value> {
+    status["members"].as_array().cloned().unwrap_or_default()
+}
+
+pub fn count_role(status: &Value, role: &str) -> usize {
+    members(status).iter().filter(|m| m["role"] == role).count()
+}
+
+pub fn leader(status: &Value) -> Option<String> {
+    status["leader"].as_str().map(str::to_string)
+}
