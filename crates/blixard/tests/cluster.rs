@@ -53,6 +53,7 @@ fn leader_failover_restart_and_full_restart() {
     let old = leader(&s).expect("leader");
     let old_i = c.index_of(&old);
     let killed_at = Instant::now();
+    eprintln!("killing leader at {:?}", std::time::SystemTime::now());
     c.kill9(old_i);
     // Ask the survivors themselves (no forwarding through the dead leader).
     let survivors: Vec<String> = c.nodes.iter().filter(|n| n.id != old).map(|n| n.id.clone()).collect();

@@ -272,9 +272,12 @@ pub(crate) fn read_meta<T: DeserializeOwned>(db: &Database, key: &'static str) -
 pub fn default_config() -> openraft::Config {
     let config = openraft::Config {
         cluster_name: "blixard".to_string(),
-        heartbeat_interval: 100,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
+        // openraft waits up to 2 x election_timeout_max before a node with a shorter log
+        // stands, and honours the old leader's lease (= election_timeout_max): these values
+        // bound failover near 1 s on a LAN.
+        heartbeat_interval: 75,
+        election_timeout_min: 200,
+        election_timeout_max: 400,
         install_snapshot_timeout: Duration::from_secs(2).as_millis() as u64,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
         max_in_snapshot_log_to_keep: 1_000,
