@@ -211,3 +211,31 @@ impl ProtocolHandler for RaftService {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Raft RPCs from the network decode or fail cleanly, never panic.
+        #[test]
+        fn raft_rpc_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = blixard_types::frame::decode::<RaftRpc>(&bytes);
+            let _ = blixard_types::frame::decode::<RaftRpcResponse>(&bytes);
+        }
+    }
+
+    #[test]
+    fn raft_rpc_round_trips() {
+        let vote = VoteRequest { vote: openraft::Vote::new(3, NodeId([1; 32])), last_log_id: None };
+        let bytes = blixard_types::frame::encode(&RaftRpc::Vote(vote.clone())).expect("encode");
+        let back: RaftRpc = blixard_types::frame::decode(&bytes[4..]).expect("decode");
+        assert!(matches!(back, RaftRpc::Vote(v) if v == vote));
+        // Errors survive the wire too (a follower's refusal must reach the leader intact).
+        let err: RaftRpcResponse = RaftRpcResponse::Vote(Err(RaftError::Fatal(openraft::error::Fatal::Stopped)));
+        let bytes = blixard_types::frame::encode(&err).expect("encode");
+        let back: RaftRpcResponse = blixard_types::frame::decode(&bytes[4..]).expect("decode");
+        assert!(matches!(back, RaftRpcResponse::Vote(Err(RaftError::Fatal(_)))));
+    }
+}

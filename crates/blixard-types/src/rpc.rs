@@ -123,3 +123,41 @@ pub struct NodeStatus {
     pub state_digest: String,
     pub members: u32,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame;
+    use proptest::prelude::*;
+
+    fn decodes<T: serde::de::DeserializeOwned>(bytes: &[u8]) {
+        let _ = frame::decode::<T>(bytes);
+    }
+
+    proptest! {
+        /// Every message a peer can send us decodes or fails cleanly: never a panic, never
+        /// an unbounded allocation.
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            decodes::<ClientRequest>(&bytes);
+            decodes::<ClientResponse>(&bytes);
+            decodes::<JoinRequest>(&bytes);
+            decodes::<JoinResponse>(&bytes);
+            decodes::<crate::Request>(&bytes);
+            decodes::<crate::CommandResult>(&bytes);
+        }
+
+        /// Valid messages with a corrupted byte still never panic.
+        #[test]
+        fn mutated_messages_never_panic(node in "[0-9a-f]{0,64}", k in "[a-z]{1,8}", v in "[a-z]{0,8}", pos in any::<usize>(), byte in any::<u8>()) {
+            let req = ClientRequest::Label { node, set: BTreeMap::from([(k, v)]), remove: vec![] };
+            let mut bytes = frame::encode(&req).expect("encode")[4..].to_vec();
+            let back: ClientRequest = frame::decode(&bytes).expect("round trip");
+            let is_label = matches!(back, ClientRequest::Label { .. });
+            prop_assert!(is_label);
+            let i = pos % bytes.len();
+            bytes[i] = byte;
+            decodes::<ClientRequest>(&bytes);
+        }
+    }
+}
