@@ -222,7 +222,7 @@ mod tests {
         }
         assert_eq!(Ticket::decode("nope"), Err(TicketDecodeError::Prefix));
         assert_eq!(Ticket::decode("blixard"), Err(TicketDecodeError::Checksum));
-        assert_eq!(Ticket::decode(&s[..s.len() - 3]).is_err(), true);
+        assert!(Ticket::decode(&s[..s.len() - 3]).is_err());
     }
 
     proptest! {

@@ -13,6 +13,7 @@ use blixard_types::rpc::{ClientRequest, ClientResponse};
 use blixard_types::{Role, Ticket};
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod output;
 mod run;
 
@@ -40,6 +41,8 @@ enum Cmd {
     /// Cluster membership and tickets.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Start a local cluster of node processes on loopback and show its status.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -76,7 +79,7 @@ enum ClusterCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let is_run = matches!(cli.cmd, Cmd::Node(NodeCmd::Run(_)));
+    let is_run = matches!(cli.cmd, Cmd::Node(NodeCmd::Run(_)) | Cmd::Demo(_));
     init_tracing(if is_run { "info,openraft=warn" } else { "warn" });
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -109,6 +112,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = cli.data_dir.context("node run needs --data-dir DIR")?;
             run::run(dir, args).await
         }
+        Cmd::Demo(args) => demo::run(args, cli.json).await,
         Cmd::Node(NodeCmd::Label { node, labels }) => {
             let (set, remove) = parse_labels(&labels)?;
             let req = ClientRequest::Label { node, set, remove };

@@ -85,8 +85,7 @@ impl Cluster {
     /// `node run --init` as node 0.
     pub fn init(&mut self) -> String {
         let dir = self.node_dir(0);
-        let id = self.spawn(&dir, &["--init"]).expect("init node");
-        id
+        self.spawn(&dir, &["--init"]).expect("init node")
     }
 
     /// Issues a ticket of `role` through the CLI.

@@ -1,0 +1,132 @@
+//! `blixard demo`: a local cluster of real node processes on loopback, in one directory.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use blixard_node::client::Client;
+use blixard_types::rpc::{ClientRequest, ClientResponse};
+use blixard_types::{Role, Ticket};
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Where the nodes keep their data (default: a new directory under /tmp).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// How many nodes to run.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=9))]
+    nodes: u8,
+    /// Stop the nodes after printing the status instead of running until Ctrl-C.
+    #[arg(long)]
+    exit: bool,
+}
+
+/// Node processes that are killed when dropped, so a failed demo leaves nothing running.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        }
+        for c in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
+    let dir = match args.dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("blixard-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let exe = std::env::current_exe().context("cannot find the blixard executable")?;
+    let mut procs = Procs(Vec::new());
+
+    eprintln!("starting {} nodes in {}", args.nodes, dir.display());
+    let first = dir.join("n1");
+    let resume = first.join("raft.redb").exists();
+    procs.0.push(spawn(&exe, &dir, &first, if resume { &[] } else { &["--init"] })?);
+    let admin = std::fs::read_to_string(first.join("admin.ticket")).context("reading admin.ticket")?;
+    let key = blixard_mesh::identity::load_or_create(&dir.join("cli/cli.key"))?;
+    let client = Client::new(key.clone(), Ticket::decode(&admin)?).await?;
+    let join = match client.request(&ClientRequest::CreateTicket { role: Role::Voter, ttl_ms: 600_000 }).await? {
+        ClientResponse::Ticket { ticket, .. } => ticket,
+        other => bail!("unexpected answer {other:?}"),
+    };
+    for i in 2..=args.nodes {
+        let d = dir.join(format!("n{i}"));
+        let join_args: Vec<&str> = if d.join("raft.redb").exists() { vec![] } else { vec!["--join", &join] };
+        procs.0.push(spawn(&exe, &dir, &d, &join_args)?);
+    }
+    // A client ticket naming every member, so the CLI works while any one is down.
+    let ticket = match client.request(&ClientRequest::CreateTicket { role: Role::Client, ttl_ms: 7 * 86_400_000 }).await? {
+        ClientResponse::Ticket { ticket, .. } => ticket,
+        other => bail!("unexpected answer {other:?}"),
+    };
+    std::fs::write(dir.join("client.ticket"), &ticket)?;
+    let status = wait_healthy(&client, args.nodes as usize).await?;
+    client.close().await;
+    if json {
+        crate::output::json(&status)?;
+    } else {
+        crate::output::status(&status)?;
+        println!();
+        println!("Try:  blixard --ticket $(cat {}) cluster status", dir.join("client.ticket").display());
+    }
+    if args.exit {
+        return Ok(());
+    }
+    eprintln!("nodes running; logs in {}/*.log; Ctrl-C stops them", dir.display());
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    Ok(())
+}
+
+fn spawn(exe: &Path, root: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Child> {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("node").to_string();
+    let log = std::fs::File::create(root.join(format!("{name}.log")))?;
+    let mut child = Command::new(exe)
+        .args(["node", "run", "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("cannot start a node process")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    match lines.next() {
+        Some(Ok(l)) if l.starts_with("node ") => eprintln!("  {name}: {l}"),
+        _ => bail!("node {name} failed to start; see {}/{name}.log", root.display()),
+    }
+    // Keep draining stdout so the node never blocks on it.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(child)
+}
+
+async fn wait_healthy(client: &Client, n: usize) -> anyhow::Result<blixard_types::rpc::ClusterStatus> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let ClientResponse::Status(s) = client.request(&ClientRequest::Status).await? {
+            if s.members.len() == n && s.members.iter().all(|m| m.healthy) {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster did not become healthy within 30 s");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
