@@ -141,3 +141,18 @@ fn grow_to_five_then_remove_one() {
         assert!(err.contains("removed"), "{err}");
     }
 }
+
+#[test]
+fn demo_starts_a_healthy_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(BIN)
+        .args(["--json", "demo", "--exit", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run demo");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(count_role(&s, "voter"), 3, "{s:#}");
+    assert!(members(&s).iter().all(|m| m["healthy"] == true), "{s:#}");
+    assert!(dir.path().join("client.ticket").exists());
+}

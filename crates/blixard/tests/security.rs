@@ -108,6 +108,12 @@ fn unknown_keys_and_bad_tickets_are_refused() {
     assert_eq!(digest(&c), before, "cluster state changed after refused requests");
     assert_eq!(members(&c.status().expect("status")).len(), members_before);
 
+    // A revoked ticket is refused from then on.
+    let made = c.json(&["cluster", "ticket", "--role", "voter"]).expect("ticket");
+    c.cli_ok(&["cluster", "revoke-ticket", made["id"].as_str().expect("id")]);
+    let err = c.spawn(&c.node_dir(8), &["--join", made["ticket"].as_str().expect("ticket")]).expect_err("revoked");
+    assert!(err.contains("revoked"), "{err}");
+
     // Secrets never appear in logs: no ticket string, no part of it.
     for n in c.nodes.iter().chain(other.nodes.iter()) {
         let log = c.log_of(&n.dir) + &other.log_of(&n.dir);
