@@ -40,8 +40,10 @@ pub enum StartError {
     Identity(#[from] identity::IdentityError),
     #[error("{0}")]
     LocalState(String),
-    #[error("cannot open raft storage: {0}")]
-    Storage(String),
+    #[error("cannot open raft storage")]
+    Storage(#[source] blixard_raft::storage::OpenError),
+    #[error("cannot read raft storage: {0}")]
+    StorageRead(String),
     #[error(transparent)]
     Bind(#[from] endpoint::BindError),
     #[error("raft failed to start: {0}")]
@@ -217,13 +219,13 @@ impl Node {
     async fn start_inner(cfg: NodeConfig, dir: DataDir, key: iroh::SecretKey, id: NodeId) -> Result<Node, StartError> {
         let mut local = LocalState::load(&dir.local_state()).map_err(StartError::LocalState)?;
         let (mut log_store, sm_store) =
-            blixard_raft::storage::open(&dir.raft_db()).map_err(|e| StartError::Storage(e.to_string()))?;
+            blixard_raft::storage::open(&dir.raft_db()).map_err(StartError::Storage)?;
         let state = sm_store.shared();
         // The applied state holds only the last snapshot until Raft replays the log, so ask
         // the log whether this data dir was used.
         let is_member_already = {
             use openraft::storage::RaftLogStorage;
-            let log = log_store.get_log_state().await.map_err(|e| StartError::Storage(e.to_string()))?;
+            let log = log_store.get_log_state().await.map_err(|e| StartError::StorageRead(e.to_string()))?;
             log.last_log_id.is_some() || state.read().unwrap_or_else(|p| p.into_inner()).state.cluster_id.is_some()
         };
         match (&cfg.mode, is_member_already) {
