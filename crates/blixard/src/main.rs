@@ -14,6 +14,7 @@ use blixard_types::{Role, Ticket};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod notify;
 mod output;
 mod run;
 

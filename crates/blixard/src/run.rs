@@ -68,8 +68,13 @@ pub async fn run(data_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     if args.init {
         println!("client ticket written to {}", data_dir.join("admin.ticket").display());
     }
+    // Ready: the node has bootstrapped, joined or resumed, and serves its protocols.
+    if let Err(e) = crate::notify::notify("READY=1") {
+        tracing::warn!(error = %e, "could not notify systemd of readiness");
+    }
     shutdown_signal().await?;
     info!("shutting down");
+    let _ = crate::notify::notify("STOPPING=1");
     node.shutdown().await;
     Ok(())
 }
