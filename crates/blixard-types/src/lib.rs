@@ -13,6 +13,7 @@ pub mod frame;
 pub mod id;
 pub mod rpc;
 pub mod ticket;
+pub mod vm;
 
 pub use command::{Command, CommandResult, Request, Response};
 pub use id::{ClusterId, NodeId, NodeIdParseError};
