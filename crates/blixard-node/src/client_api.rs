@@ -248,6 +248,7 @@ async fn status(ctx: &NodeCtx) -> Result<ClusterStatus, ApiError> {
             } else {
                 "learner"
             };
+            let usage = st.state.usage.get(id).cloned().unwrap_or_default();
             MemberStatus {
                 id: *id,
                 addrs: n.addrs.clone(),
@@ -256,10 +257,9 @@ async fn status(ctx: &NodeCtx) -> Result<ClusterStatus, ApiError> {
                 healthy: reachable,
                 labels: n.labels.clone(),
                 resources: n.resources,
-                // No VMs are placed yet in this version, so all capacity is free.
-                cpus_free: n.resources.cpus,
-                memory_mib_free: n.resources.memory_mib,
-                vms: 0,
+                cpus_free: n.resources.cpus.saturating_sub(usage.used.cpus),
+                memory_mib_free: n.resources.memory_mib.saturating_sub(usage.used.memory_mib),
+                vms: usage.vms,
             }
         })
         .collect();

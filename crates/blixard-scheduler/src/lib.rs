@@ -44,13 +44,14 @@ pub enum Strategy {
 }
 
 /// Placement policy.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     pub strategy: Strategy,
-    /// vCPUs placeable per physical CPU (1.0 = no overcommit).
-    pub cpu_overcommit: f64,
-    /// Memory placeable per MiB of memory (1.0 = no overcommit).
-    pub memory_overcommit: f64,
+    /// vCPUs placeable per 100 physical CPUs (100 = no overcommit; integers keep
+    /// placement exact and identical on every replica).
+    pub cpu_overcommit_pct: u32,
+    /// Memory placeable per 100 MiB of memory (100 = no overcommit).
+    pub memory_overcommit_pct: u32,
     /// Score at most this many feasible nodes, starting at a salt-chosen offset (as Nomad
     /// does at scale); `None` scores every node.
     pub sample: Option<usize>,
@@ -58,7 +59,7 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Self { strategy: Strategy::Binpack, cpu_overcommit: 1.0, memory_overcommit: 1.0, sample: None }
+        Self { strategy: Strategy::Binpack, cpu_overcommit_pct: 100, memory_overcommit_pct: 100, sample: None }
     }
 }
 
@@ -108,11 +109,11 @@ pub fn fits(node: &NodeView, spec: &VmSpec, policy: &Policy) -> Result<(), Reaso
     if !node.schedulable {
         return Err(Reason::NotSchedulable);
     }
-    let cpu_cap = (node.capacity.cpus as f64 * policy.cpu_overcommit).floor() as u64;
+    let cpu_cap = node.capacity.cpus as u64 * policy.cpu_overcommit_pct as u64 / 100;
     if node.used.cpus as u64 + spec.vcpus as u64 > cpu_cap {
         return Err(Reason::Cpu);
     }
-    let mem_cap = (node.capacity.memory_mib as f64 * policy.memory_overcommit).floor() as u64;
+    let mem_cap = node.capacity.memory_mib.saturating_mul(policy.memory_overcommit_pct as u64) / 100;
     if node.used.memory_mib.saturating_add(spec.memory_mib) > mem_cap {
         return Err(Reason::Memory);
     }

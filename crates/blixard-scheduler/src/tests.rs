@@ -60,7 +60,7 @@ fn overcommit_anti_affinity_and_image_locality() {
     let mut a = node(1, 2, 1024);
     a.used = Resources { cpus: 2, memory_mib: 0, disk_gib: 0 };
     assert_eq!(place(&[a.clone()], &spec(1, 64), &Policy::default(), 0).map_err(|e| e.reasons), Err([(Reason::Cpu, 1)].into()));
-    let p = Policy { cpu_overcommit: 2.0, ..Policy::default() };
+    let p = Policy { cpu_overcommit_pct: 200, ..Policy::default() };
     assert_eq!(place(&[a.clone()], &spec(1, 64), &p, 0), Ok(a.id));
 
     let mut g = node(1, 8, 8192);

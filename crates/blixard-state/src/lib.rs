@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 
 use blixard_types::command::{validate_label, NodeInfo, Refusal, Resources};
 use blixard_types::ticket::ticket_id;
+use blixard_scheduler::{NodeView, Policy};
+use blixard_types::vm::{Desired, VmReport, VmSpec, VmState};
 use blixard_types::{ClusterId, Command, CommandResult, NodeId, Request, Role};
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +55,78 @@ pub struct ClusterState {
     pub clients: BTreeMap<NodeId, ClientRecord>,
     /// Keyed by the BLAKE3 hash of the secret.
     pub tickets: BTreeMap<[u8; 32], TicketRecord>,
+    /// VMs by name.
+    pub vms: BTreeMap<String, VmRecord>,
+    /// Nodes that take no new VMs.
+    pub drained: BTreeSet<NodeId>,
+    /// Cluster-wide placement policy (overcommit, strategy).
+    pub policy: Policy,
+    /// What the VMs placed on each node use: derived from `vms`, kept incrementally so
+    /// that placement costs O(nodes), not O(VMs).
+    pub usage: BTreeMap<NodeId, NodeUsage>,
+}
+
+/// The sum of what the VMs placed on a node ask for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeUsage {
+    pub used: Resources,
+    /// VMs per anti-affinity group.
+    pub groups: BTreeMap<String, u32>,
+    /// VMs per image.
+    pub images: BTreeMap<String, u32>,
+    pub vms: u32,
+}
+
+impl NodeUsage {
+    fn charge(&mut self, spec: &VmSpec) {
+        self.used.cpus += spec.vcpus;
+        self.used.memory_mib += spec.memory_mib;
+        self.used.disk_gib += spec.disk_gib;
+        self.vms += 1;
+        *self.images.entry(spec.image.clone()).or_default() += 1;
+        if let Some(g) = &spec.anti_affinity {
+            *self.groups.entry(g.clone()).or_default() += 1;
+        }
+    }
+
+    fn release(&mut self, spec: &VmSpec) {
+        self.used.cpus = self.used.cpus.saturating_sub(spec.vcpus);
+        self.used.memory_mib = self.used.memory_mib.saturating_sub(spec.memory_mib);
+        self.used.disk_gib = self.used.disk_gib.saturating_sub(spec.disk_gib);
+        self.vms = self.vms.saturating_sub(1);
+        decrement(&mut self.images, &spec.image);
+        if let Some(g) = &spec.anti_affinity {
+            decrement(&mut self.groups, g);
+        }
+    }
+}
+
+fn decrement(map: &mut BTreeMap<String, u32>, key: &str) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+/// A VM: what the user asked for, where it runs, and what its node last reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub spec: VmSpec,
+    pub desired: Desired,
+    /// Deleted by the user; the record goes when its node confirms.
+    pub deleting: bool,
+    pub node: Option<NodeId>,
+    pub state: VmState,
+    pub healthy: Option<bool>,
+    pub error: Option<String>,
+    pub restarts: u32,
+    pub reboots_requested: u64,
+    pub reboots_done: u64,
+    pub created_at_ms: u64,
+    /// When `state` last changed.
+    pub since_ms: u64,
 }
 
 impl ClusterState {
@@ -89,6 +163,32 @@ impl ClusterState {
             return Err(Refusal::RoleMismatch { granted: t.role, requested });
         }
         Ok(t)
+    }
+
+    /// The scheduler's view of every member from Raft state alone: capacity, what placed
+    /// VMs use, labels, drain. Liveness (from gossip) is the caller's: `alive`.
+    pub fn node_views(&self, alive: impl Fn(&NodeId) -> bool) -> Vec<NodeView> {
+        self.nodes.keys().filter_map(|id| self.node_view(id, alive(id))).collect()
+    }
+
+    /// One member's scheduler view.
+    pub fn node_view(&self, id: &NodeId, alive: bool) -> Option<NodeView> {
+        let n = self.nodes.get(id)?;
+        let usage = self.usage.get(id);
+        Some(NodeView {
+            id: *id,
+            labels: n.labels.clone(),
+            capacity: n.resources,
+            used: usage.map(|u| u.used).unwrap_or_default(),
+            images: usage.map(|u| u.images.keys().cloned().collect()).unwrap_or_default(),
+            schedulable: alive && !self.drained.contains(id),
+            groups: usage.map(|u| u.groups.keys().cloned().collect()).unwrap_or_default(),
+        })
+    }
+
+    /// VMs that need a placement: not deleting, and not placed on a current member.
+    pub fn unplaced(&self) -> impl Iterator<Item = (&String, &VmRecord)> {
+        self.vms.iter().filter(|(_, v)| !v.deleting && v.node.is_none_or(|n| !self.nodes.contains_key(&n)))
     }
 
     /// Applies one request. Deterministic; a refusal changes nothing.
@@ -179,9 +279,135 @@ impl ClusterState {
                 }
                 n.labels.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
             }
+            Command::CreateVm { spec, start } => {
+                spec.validate().map_err(|e| Refusal::InvalidSpec(e.to_string()))?;
+                if self.vms.contains_key(&spec.name) {
+                    return Err(Refusal::VmExists(spec.name.clone()));
+                }
+                let desired = if *start { Desired::Running } else { Desired::Stopped };
+                self.vms.insert(
+                    spec.name.clone(),
+                    VmRecord {
+                        spec: spec.clone(),
+                        desired,
+                        deleting: false,
+                        node: None,
+                        state: VmState::Pending,
+                        healthy: None,
+                        error: None,
+                        restarts: 0,
+                        reboots_requested: 0,
+                        reboots_done: 0,
+                        created_at_ms: at,
+                        since_ms: at,
+                    },
+                );
+            }
+            Command::PlaceVm { name, node } => {
+                let vm = self.vms.get(name).ok_or_else(|| Refusal::UnknownVm(name.clone()))?;
+                if vm.deleting {
+                    return Err(Refusal::VmDeleting(name.clone()));
+                }
+                if !self.nodes.contains_key(node) {
+                    return Err(Refusal::UnknownNode(*node));
+                }
+                let spec = vm.spec.clone();
+                let old = vm.node;
+                let mut view = self.node_view(node, true).ok_or(Refusal::UnknownNode(*node))?;
+                view.schedulable = true; // drain stops new placements at the leader, not moves
+                if old == Some(*node) {
+                    // Re-placing onto the same node: its own share does not count twice.
+                    let mut u = self.usage.get(node).cloned().unwrap_or_default();
+                    u.release(&spec);
+                    view.used = u.used;
+                    view.groups = u.groups.keys().cloned().collect();
+                }
+                blixard_scheduler::fits(&view, &spec, &self.policy).map_err(|r| Refusal::DoesNotFit {
+                    name: name.clone(),
+                    node: *node,
+                    reason: r.to_string(),
+                })?;
+                if let Some(o) = old {
+                    self.usage.entry(o).or_default().release(&spec);
+                }
+                self.usage.entry(*node).or_default().charge(&spec);
+                let vm = self.vm_mut(name)?;
+                vm.node = Some(*node);
+                vm.state = VmState::Pending;
+                vm.since_ms = at;
+            }
+            Command::SetDesired { name, desired } => {
+                let vm = self.vm_mut(name)?;
+                if vm.deleting {
+                    return Err(Refusal::VmDeleting(name.clone()));
+                }
+                vm.desired = *desired;
+                // Starting a failed VM again clears its failure.
+                if *desired == Desired::Running && vm.state == VmState::Failed {
+                    vm.error = None;
+                    vm.restarts = 0;
+                }
+            }
+            Command::RebootVm { name } => {
+                let vm = self.vm_mut(name)?;
+                if vm.deleting {
+                    return Err(Refusal::VmDeleting(name.clone()));
+                }
+                vm.reboots_requested += 1;
+            }
+            Command::DeleteVm { name } => {
+                let vm = self.vm_mut(name)?;
+                if vm.node.is_none() {
+                    self.vms.remove(name);
+                } else {
+                    vm.deleting = true;
+                    vm.desired = Desired::Stopped;
+                }
+            }
+            Command::ReportVm { name, report } => {
+                let by = req.by;
+                let vm = self.vm_mut(name)?;
+                if vm.node != Some(by) {
+                    return Err(Refusal::NotHost { name: name.clone(), by });
+                }
+                if report.deleted && vm.deleting {
+                    let spec = vm.spec.clone();
+                    self.vms.remove(name);
+                    self.usage.entry(by).or_default().release(&spec);
+                } else {
+                    apply_report(vm, report, at);
+                }
+            }
+            Command::SetDrain { node, drain } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(Refusal::UnknownNode(*node));
+                }
+                if *drain {
+                    self.drained.insert(*node);
+                } else {
+                    self.drained.remove(node);
+                }
+            }
         }
         Ok(())
     }
+}
+
+impl ClusterState {
+    fn vm_mut(&mut self, name: &str) -> Result<&mut VmRecord, Refusal> {
+        self.vms.get_mut(name).ok_or_else(|| Refusal::UnknownVm(name.to_string()))
+    }
+}
+
+fn apply_report(vm: &mut VmRecord, r: &VmReport, at: u64) {
+    if vm.state != r.state {
+        vm.since_ms = at;
+    }
+    vm.state = r.state;
+    vm.healthy = r.healthy;
+    vm.error = r.error.clone();
+    vm.restarts = r.restarts;
+    vm.reboots_done = r.reboots_done;
 }
 
 /// Why a node reference did not resolve.

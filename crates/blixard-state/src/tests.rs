@@ -193,3 +193,149 @@ mod prop {
         }
     }
 }
+
+mod vms {
+    use super::*;
+    use blixard_types::vm::{Desired, RestartPolicy, VmReport, VmSpec, VmState};
+    use blixard_types::command::Resources;
+    use proptest::prelude::*;
+
+    fn spec(name: &str, vcpus: u32, mem: u64) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            image: "img".into(),
+            vcpus,
+            memory_mib: mem,
+            disk_gib: 0,
+            labels: BTreeMap::new(),
+            constraints: BTreeMap::new(),
+            anti_affinity: None,
+            restart: RestartPolicy::Always,
+            health: None,
+        }
+    }
+
+    fn with_capacity() -> ClusterState {
+        let mut s = ClusterState::default();
+        let info = NodeInfo { resources: Resources { cpus: 4, memory_mib: 4096, disk_gib: 10 }, ..Default::default() };
+        s.apply(&req(0, id(1), Command::Bootstrap { cluster_id: ClusterId([1; 16]), node: id(1), info: info.clone() }));
+        let h = ticket(&mut s, 7, Role::Voter, u64::MAX);
+        let r = s.apply(&req(1, id(2), Command::AdmitNode { node: id(2), info, secret_hash: h, role: Role::Voter }));
+        assert_eq!(r, CommandResult::Ok);
+        s
+    }
+
+    fn ok(s: &mut ClusterState, by: NodeId, cmd: Command) {
+        let r = s.apply(&req(10, by, cmd));
+        assert_eq!(r, CommandResult::Ok);
+    }
+
+    fn report(state: VmState, deleted: bool) -> VmReport {
+        VmReport { state, healthy: None, error: None, restarts: 0, reboots_done: 0, deleted }
+    }
+
+    #[test]
+    fn lifecycle() {
+        let mut s = with_capacity();
+        ok(&mut s, id(1), Command::CreateVm { spec: spec("web", 2, 1024), start: true });
+        assert!(matches!(
+            s.apply(&req(11, id(1), Command::CreateVm { spec: spec("web", 1, 64), start: true })),
+            CommandResult::Refused(Refusal::VmExists(_))
+        ));
+        assert!(matches!(
+            s.apply(&req(11, id(1), Command::CreateVm { spec: spec("Bad/name", 1, 64), start: true })),
+            CommandResult::Refused(Refusal::InvalidSpec(_))
+        ));
+        assert_eq!(s.unplaced().count(), 1);
+        ok(&mut s, id(1), Command::PlaceVm { name: "web".into(), node: id(2) });
+        assert_eq!(s.unplaced().count(), 0);
+        assert_eq!(s.usage[&id(2)].used.cpus, 2);
+        // Only the host may report.
+        assert!(matches!(
+            s.apply(&req(12, id(1), Command::ReportVm { name: "web".into(), report: report(VmState::Running, false) })),
+            CommandResult::Refused(Refusal::NotHost { .. })
+        ));
+        ok(&mut s, id(2), Command::ReportVm { name: "web".into(), report: report(VmState::Running, false) });
+        assert_eq!(s.vms["web"].state, VmState::Running);
+        ok(&mut s, id(1), Command::SetDesired { name: "web".into(), desired: Desired::Paused });
+        ok(&mut s, id(1), Command::RebootVm { name: "web".into() });
+        assert_eq!(s.vms["web"].reboots_requested, 1);
+        // Delete: stays until the host confirms, then its capacity is free again.
+        ok(&mut s, id(1), Command::DeleteVm { name: "web".into() });
+        assert!(s.vms["web"].deleting);
+        assert!(matches!(
+            s.apply(&req(13, id(1), Command::SetDesired { name: "web".into(), desired: Desired::Running })),
+            CommandResult::Refused(Refusal::VmDeleting(_))
+        ));
+        ok(&mut s, id(2), Command::ReportVm { name: "web".into(), report: report(VmState::Stopped, true) });
+        assert!(!s.vms.contains_key("web"));
+        assert_eq!(s.usage[&id(2)].used, Resources::default());
+    }
+
+    #[test]
+    fn placement_is_checked_against_capacity() {
+        let mut s = with_capacity();
+        ok(&mut s, id(1), Command::CreateVm { spec: spec("a", 3, 1024), start: true });
+        ok(&mut s, id(1), Command::CreateVm { spec: spec("b", 2, 1024), start: true });
+        ok(&mut s, id(1), Command::PlaceVm { name: "a".into(), node: id(1) });
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(&req(11, id(1), Command::PlaceVm { name: "b".into(), node: id(1) })),
+            CommandResult::Refused(Refusal::DoesNotFit { .. })
+        ));
+        assert_eq!(s, before);
+        // Moving a VM frees its old node.
+        ok(&mut s, id(1), Command::PlaceVm { name: "a".into(), node: id(2) });
+        ok(&mut s, id(1), Command::PlaceVm { name: "b".into(), node: id(1) });
+        // Re-placing on the same node does not count it twice.
+        ok(&mut s, id(1), Command::PlaceVm { name: "a".into(), node: id(2) });
+        assert_eq!(s.usage[&id(2)].used.cpus, 3);
+    }
+
+    fn recomputed(s: &ClusterState) -> BTreeMap<NodeId, (Resources, u32)> {
+        let mut m: BTreeMap<NodeId, (Resources, u32)> = BTreeMap::new();
+        for v in s.vms.values() {
+            if let Some(n) = v.node {
+                let e = m.entry(n).or_default();
+                e.0.cpus += v.spec.vcpus;
+                e.0.memory_mib += v.spec.memory_mib;
+                e.1 += 1;
+            }
+        }
+        m
+    }
+
+    proptest! {
+        /// The usage index always equals what the VM records add up to, and no node is
+        /// ever placed past its capacity.
+        #[test]
+        fn usage_index_matches_records(ops in proptest::collection::vec((0u8..5, 0u8..6, 1u8..3, 1u32..4), 0..60)) {
+            let mut s = with_capacity();
+            for (op, vm, node, vcpus) in ops {
+                let name = format!("vm{vm}");
+                let cmd = match op {
+                    0 => Command::CreateVm { spec: spec(&name, vcpus, 512), start: true },
+                    1 => Command::PlaceVm { name, node: id(node) },
+                    2 => Command::DeleteVm { name },
+                    3 => Command::ReportVm { name, report: report(VmState::Stopped, true) },
+                    _ => Command::SetDesired { name, desired: Desired::Stopped },
+                };
+                let by = if op == 3 { id(node) } else { id(1) };
+                s.apply(&req(20, by, cmd));
+                let want = recomputed(&s);
+                for (n, (used, count)) in &want {
+                    let u = &s.usage[n];
+                    prop_assert_eq!(u.used.cpus, used.cpus);
+                    prop_assert_eq!(u.used.memory_mib, used.memory_mib);
+                    prop_assert_eq!(u.vms, *count);
+                    prop_assert!(used.cpus <= s.nodes[n].resources.cpus);
+                }
+                for (n, u) in &s.usage {
+                    if !want.contains_key(n) {
+                        prop_assert_eq!(u.vms, 0);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::{ClusterId, NodeId};
 use crate::ticket::Role;
+use crate::vm::{Desired, VmReport, VmSpec};
 
 /// One log entry's payload: a command, who asked for it and when.
 ///
@@ -56,6 +57,21 @@ pub enum Command {
     UpdateAddrs { node: NodeId, addrs: Vec<SocketAddr> },
     /// Adds, updates (`set`) and removes labels of a node.
     SetLabels { node: NodeId, set: BTreeMap<String, String>, remove: Vec<String> },
+    /// Records a new VM (validated spec, unique name); `start` sets it desired running.
+    CreateVm { spec: VmSpec, start: bool },
+    /// Records where the leader placed a VM (checked again against capacity).
+    PlaceVm { name: String, node: NodeId },
+    /// Changes what the user wants a VM to be.
+    SetDesired { name: String, desired: Desired },
+    /// Asks for a reboot (the hosting node reboots once per request).
+    RebootVm { name: String },
+    /// Deletes a VM: it stops and its record goes once its node confirms (or at once if
+    /// it was never placed).
+    DeleteVm { name: String },
+    /// The hosting node reports what a VM actually is.
+    ReportVm { name: String, report: VmReport },
+    /// A drained node takes no new VMs.
+    SetDrain { node: NodeId, drain: bool },
 }
 
 impl Command {
@@ -70,6 +86,13 @@ impl Command {
             Command::RemoveNode { .. } => "remove-node",
             Command::UpdateAddrs { .. } => "update-addrs",
             Command::SetLabels { .. } => "set-labels",
+            Command::CreateVm { .. } => "create-vm",
+            Command::PlaceVm { .. } => "place-vm",
+            Command::SetDesired { .. } => "set-desired",
+            Command::RebootVm { .. } => "reboot-vm",
+            Command::DeleteVm { .. } => "delete-vm",
+            Command::ReportVm { .. } => "report-vm",
+            Command::SetDrain { .. } => "set-drain",
         }
     }
 }
@@ -108,6 +131,18 @@ pub enum Refusal {
     InvalidLabel(String),
     #[error("a ticket with this secret already exists")]
     DuplicateTicket,
+    #[error("invalid VM spec: {0}")]
+    InvalidSpec(String),
+    #[error("a VM named {0:?} already exists")]
+    VmExists(String),
+    #[error("no VM named {0:?}")]
+    UnknownVm(String),
+    #[error("VM {name:?} does not fit on node {node}: {reason}")]
+    DoesNotFit { name: String, node: NodeId, reason: String },
+    #[error("VM {0:?} is being deleted")]
+    VmDeleting(String),
+    #[error("node {by} does not host VM {name:?}")]
+    NotHost { name: String, by: NodeId },
 }
 
 /// Longest label key or value.

@@ -85,6 +85,69 @@ impl FromStr for HealthCheck {
     }
 }
 
+/// What the user wants a VM to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Desired {
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl fmt::Display for Desired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Desired::Running => "running",
+            Desired::Paused => "paused",
+            Desired::Stopped => "stopped",
+        })
+    }
+}
+
+/// What a VM actually is, as its node reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum VmState {
+    /// Recorded, not placed or not yet picked up by its node.
+    #[default]
+    Pending,
+    /// Its node is fetching the image.
+    Fetching,
+    /// Booting, not yet ready.
+    Starting,
+    Running,
+    Paused,
+    Stopped,
+    /// Failed and not restarting (see the last error).
+    Failed,
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VmState::Pending => "pending",
+            VmState::Fetching => "fetching",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+        })
+    }
+}
+
+/// A node's report about one VM it hosts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmReport {
+    pub state: VmState,
+    pub healthy: Option<bool>,
+    /// The last error, if the VM failed or a restart is pending.
+    pub error: Option<String>,
+    pub restarts: u32,
+    /// The reboot requests the node has carried out.
+    pub reboots_done: u64,
+    /// The node has removed the VM (after a delete).
+    pub deleted: bool,
+}
+
 /// A VM as the user specified it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
