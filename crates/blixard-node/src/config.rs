@@ -62,6 +62,9 @@ impl DataDir {
     pub fn local_state(&self) -> PathBuf {
         self.0.join("node.json")
     }
+    pub fn audit_log(&self) -> PathBuf {
+        self.0.join("audit.log")
+    }
     pub fn admin_ticket(&self) -> PathBuf {
         self.0.join("admin.ticket")
     }

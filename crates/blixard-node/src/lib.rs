@@ -13,6 +13,7 @@
 //! **Invariant:** the node is the only place that owns tasks and the `Router`; every
 //! inbound connection except join passes the mesh's gate first.
 
+pub mod audit;
 pub mod client;
 pub mod client_api;
 pub mod config;

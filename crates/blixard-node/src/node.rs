@@ -218,8 +218,11 @@ impl Node {
 
     async fn start_inner(cfg: NodeConfig, dir: DataDir, key: iroh::SecretKey, id: NodeId) -> Result<Node, StartError> {
         let mut local = LocalState::load(&dir.local_state()).map_err(StartError::LocalState)?;
-        let (mut log_store, sm_store) =
+        let (mut log_store, mut sm_store) =
             blixard_raft::storage::open(&dir.raft_db()).map_err(StartError::Storage)?;
+        let (audit_tx, audit_rx) = tokio::sync::mpsc::unbounded_channel();
+        sm_store.observe(audit_tx);
+        tokio::spawn(crate::audit::run(dir.audit_log(), audit_rx));
         let state = sm_store.shared();
         // The applied state holds only the last snapshot until Raft replays the log, so ask
         // the log whether this data dir was used.

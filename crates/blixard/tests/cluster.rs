@@ -35,6 +35,33 @@ fn three_nodes_join_and_agree() {
     let s = c.status().expect("status");
     let m = members(&s).into_iter().find(|m| m["id"] == c.nodes[1].id.as_str()).expect("member");
     assert_eq!(m["labels"], serde_json::json!({"zone": "a"}));
+    // A refused write changes nothing, and is audited like the others.
+    let out = c.cli(&["node", "label", &c.nodes[1].id[..10], "bad key=x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid label"));
+    // Every node keeps the same audit log of state-changing requests.
+    let audits: Vec<Vec<serde_json::Value>> = wait_for("audit logs written", Duration::from_secs(5), || {
+        let logs: Vec<Vec<serde_json::Value>> = c
+            .nodes
+            .iter()
+            .map(|n| {
+                std::fs::read_to_string(n.dir.join("audit.log"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect()
+            })
+            .collect();
+        let complete = logs.iter().all(|l| l.iter().filter(|r| r["what"] == "set-labels").count() == 3);
+        complete.then_some(logs)
+    });
+    let tail = |l: &Vec<serde_json::Value>| l.iter().filter(|r| r["what"] == "set-labels").cloned().collect::<Vec<_>>();
+    assert_eq!(tail(&audits[0]), tail(&audits[1]));
+    assert_eq!(tail(&audits[0]), tail(&audits[2]));
+    let labels = tail(&audits[0]);
+    assert_eq!(labels[0]["result"], "ok");
+    assert!(labels[2]["result"].as_str().is_some_and(|r| r.contains("invalid label")), "{labels:?}");
+    assert!(labels.iter().all(|r| r["by"].as_str().is_some_and(|b| b.len() == 64)));
     // Every replica applies the same state.
     wait_for("equal state digests", Duration::from_secs(5), || {
         let digests: Vec<String> = c

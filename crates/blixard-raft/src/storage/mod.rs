@@ -46,7 +46,7 @@ mod state_machine;
 mod tests;
 
 pub use log_store::{LogReader, LogStore};
-pub use state_machine::{Applied, SharedState, SnapshotBlob, SnapshotBuilder, StateMachineStore};
+pub use state_machine::{Applied, AppliedEntry, SharedState, SnapshotBlob, SnapshotBuilder, StateMachineStore};
 
 /// Durability level re-exported for the docs above.
 pub use redb::Durability;

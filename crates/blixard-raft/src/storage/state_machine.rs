@@ -90,6 +90,18 @@ pub struct StateMachineStore<C: StorageConfig = TypeConfig> {
     shared: SharedState<C>,
     /// Makes snapshot ids unique; persisted with each snapshot built here.
     snapshot_counter: Arc<AtomicU64>,
+    /// Told about every applied normal entry (audit log, reconcilers).
+    observer: Option<tokio::sync::mpsc::UnboundedSender<AppliedEntry>>,
+}
+
+/// One applied client command, as observers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedEntry {
+    pub index: u64,
+    pub at_ms: u64,
+    pub by: blixard_types::NodeId,
+    pub kind: &'static str,
+    pub result: CommandResult,
 }
 
 /// Builds a snapshot of the state machine and persists it (see [`RaftSnapshotBuilder`]).
@@ -117,7 +129,14 @@ impl<C: StorageConfig> StateMachineStore<C> {
             db,
             shared: Arc::new(RwLock::new(applied)),
             snapshot_counter: Arc::new(AtomicU64::new(snapshot_counter)),
+            observer: None,
         }
+    }
+
+    /// Sends every applied normal entry to `tx` from now on (entries re-applied after a
+    /// restart are sent again: observers deduplicate by index).
+    pub fn observe(&mut self, tx: tokio::sync::mpsc::UnboundedSender<AppliedEntry>) {
+        self.observer = Some(tx);
     }
 
     /// The applied state, for readers outside openraft.
@@ -253,6 +272,16 @@ impl<C: StorageConfig> RaftStateMachine<C> for StateMachineStore<C> {
                     let response = applied.state.apply(&req);
                     if let CommandResult::Refused(refusal) = &response {
                         tracing::debug!(log_id = %entry.log_id, kind = req.cmd.kind(), %refusal, "command refused");
+                    }
+                    if let Some(tx) = &self.observer {
+                        // A closed receiver only means nobody listens any more.
+                        let _ = tx.send(AppliedEntry {
+                            index: entry.log_id.index,
+                            at_ms: req.at_ms,
+                            by: req.by,
+                            kind: req.cmd.kind(),
+                            result: response.clone(),
+                        });
                     }
                     response
                 }
