@@ -33,6 +33,8 @@ pub enum RpcError {
     Frame { peer: NodeId, source: FrameError },
     #[error("{peer} did not answer within {after:?}")]
     Timeout { peer: NodeId, after: Duration },
+    #[error("{}", .0.join("; "))]
+    NoneReachable(Vec<String>),
 }
 
 impl RpcError {
@@ -264,11 +266,11 @@ impl Pool {
                 }
             }
         };
-        let first = peers.first().map(|p| p.0).unwrap_or_default();
         match tokio::time::timeout(timeout, race).await {
             Ok(Ok(hit)) => Ok(hit),
-            Ok(Err(())) => Err(RpcError::Connect { peer: first, reason: errors.join("; ") }),
-            Err(_) => Err(RpcError::Timeout { peer: first, after: timeout }),
+            Ok(Err(())) if peers.is_empty() => Err(RpcError::NoneReachable(vec!["the ticket lists no members".into()])),
+            Ok(Err(())) => Err(RpcError::NoneReachable(errors)),
+            Err(_) => Err(RpcError::NoneReachable(vec![format!("no member answered within {timeout:?}")])),
         }
     }
 

@@ -13,6 +13,7 @@ use blixard_types::rpc::{ClientRequest, ClientResponse};
 use blixard_types::{Role, Ticket};
 use clap::{Parser, Subcommand};
 
+mod config;
 mod demo;
 mod notify;
 mod output;
@@ -44,12 +45,24 @@ enum Cmd {
     Cluster(ClusterCmd),
     /// Start a local cluster of node processes on loopback and show its status.
     Demo(demo::DemoArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) of blixard.
+    Man,
 }
 
 #[derive(Subcommand, Debug)]
 enum NodeCmd {
     /// Run a node in the foreground (stops cleanly on SIGTERM/SIGINT).
     Run(run::RunArgs),
+    /// Show the effective configuration (config file, then flags, then defaults).
+    Config {
+        /// Print it (as TOML, or JSON with --json).
+        #[arg(long)]
+        print: bool,
+        #[command(flatten)]
+        node: config::NodeFlags,
+    },
     /// One node's own view: its Raft state, applied index and state digest.
     Status { node: String },
     /// Add or update labels (k=v), or remove them (k-).
@@ -81,7 +94,9 @@ enum ClusterCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_run = matches!(cli.cmd, Cmd::Node(NodeCmd::Run(_)) | Cmd::Demo(_));
-    init_tracing(if is_run { "info,openraft=warn" } else { "warn" });
+    // The CLI's contract is one line on stderr per error: iroh's internal complaints about
+    // abandoned dials stay out of it unless RUST_LOG asks for them.
+    init_tracing(if is_run { "info,openraft=warn" } else { "warn,iroh=off" });
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -109,9 +124,26 @@ fn init_tracing(default: &str) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Node(NodeCmd::Run(args)) => {
-            let dir = cli.data_dir.context("node run needs --data-dir DIR")?;
-            run::run(dir, args).await
+        Cmd::Node(NodeCmd::Run(args)) => run::run(cli.data_dir, args).await,
+        Cmd::Node(NodeCmd::Config { print, node }) => {
+            let eff = config::effective(cli.data_dir, &node)?;
+            if cli.json {
+                output::json(&eff)
+            } else if print {
+                output::line(eff.to_toml()?.trim_end())
+            } else {
+                bail!("nothing to do: pass --print")
+            }
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "blixard", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(())
         }
         Cmd::Demo(args) => demo::run(args, cli.json).await,
         Cmd::Node(NodeCmd::Label { node, labels }) => {

@@ -1,7 +1,5 @@
 //! `blixard node run`.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -9,58 +7,35 @@ use blixard_node::{Node, NodeConfig, StartMode};
 use blixard_types::Ticket;
 use tracing::info;
 
+use crate::config::NodeFlags;
+
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// UDP address to listen on (default: the last one used, else 127.0.0.1 on a free port).
-    #[arg(long)]
-    listen: Option<SocketAddr>,
     /// Bootstrap a new cluster with this node as its first voter.
     #[arg(long, conflicts_with = "join")]
     init: bool,
     /// Join a cluster with a node ticket.
     #[arg(long)]
     join: Option<String>,
-    /// vCPUs offered to VMs (default: all of the host's).
-    #[arg(long)]
-    cpus: Option<u32>,
-    /// Memory offered to VMs in MiB (default: all of the host's).
-    #[arg(long)]
-    memory_mib: Option<u64>,
-    /// Disk offered to VMs in GiB (default: free space of the data dir).
-    #[arg(long)]
-    disk_gib: Option<u64>,
-    /// A label used by placement (repeatable), k=v.
-    #[arg(long = "label")]
-    labels: Vec<String>,
-    /// An operator-run iroh relay (default: none; peers are dialled directly).
-    #[arg(long)]
-    relay: Option<iroh::RelayUrl>,
+    #[command(flatten)]
+    node: NodeFlags,
 }
 
-pub async fn run(data_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
+pub async fn run(data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<()> {
+    let eff = crate::config::effective(data_dir, &args.node)?;
+    let data_dir = eff.data_dir.clone();
     let mode = match (&args.join, args.init) {
         (Some(t), _) => StartMode::Join(Ticket::decode(t).context("invalid --join ticket")?),
         (None, true) => StartMode::Init,
         (None, false) => StartMode::Resume,
     };
     let mut cfg = NodeConfig::new(&data_dir, mode);
-    cfg.listen = args.listen;
-    cfg.relay = args.relay;
-    if let Some(c) = args.cpus {
-        cfg.resources.cpus = c;
-    }
-    if let Some(m) = args.memory_mib {
-        cfg.resources.memory_mib = m;
-    }
-    if let Some(d) = args.disk_gib {
-        cfg.resources.disk_gib = d;
-    }
-    let mut labels = BTreeMap::new();
-    for l in &args.labels {
-        let (k, v) = l.split_once('=').with_context(|| format!("label {l:?} must be k=v"))?;
-        labels.insert(k.to_string(), v.to_string());
-    }
-    cfg.labels = labels;
+    cfg.listen = eff.listen;
+    cfg.relay = eff.relay.as_deref().map(str::parse).transpose().context("invalid relay URL")?;
+    cfg.resources.cpus = eff.cpus;
+    cfg.resources.memory_mib = eff.memory_mib;
+    cfg.resources.disk_gib = eff.disk_gib.unwrap_or(0);
+    cfg.labels = eff.labels;
 
     let node = Node::start(cfg).await.context("node failed to start")?;
     // One line on stdout for scripts: who we are and where we listen.

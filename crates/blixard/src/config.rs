@@ -1,0 +1,167 @@
+//! The node's configuration: an optional TOML file with the same settings as the flags of
+//! `node run`. Flags override the file; the file overrides defaults; no environment
+//! variable changes a node's configuration.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// Settings shared by `node run` and `node config`.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct NodeFlags {
+    /// A TOML file with any of these settings (flags given here win).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// UDP address to listen on (default: the last one used, else 127.0.0.1 on a free port).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// vCPUs offered to VMs (default: all of the host's).
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Memory offered to VMs in MiB (default: all of the host's).
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// Disk offered to VMs in GiB (default: free space of the data dir).
+    #[arg(long)]
+    pub disk_gib: Option<u64>,
+    /// A label used by placement (repeatable), k=v.
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// An operator-run iroh relay URL (default: none; peers are dialled directly).
+    #[arg(long)]
+    pub relay: Option<String>,
+}
+
+/// The file format. Unknown keys are errors, so a typo is not silently ignored.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub relay: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub disk_gib: Option<u64>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+}
+
+/// The effective configuration: file and flags merged, defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Effective {
+    pub data_dir: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub relay: Option<String>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// `None`: the free space of the data dir at start.
+    pub disk_gib: Option<u64>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Merges `flags` over the config file (if any) over defaults.
+pub fn effective(data_dir_flag: Option<PathBuf>, flags: &NodeFlags) -> anyhow::Result<Effective> {
+    let file = match &flags.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    merge(file, data_dir_flag, flags)
+}
+
+fn merge(file: FileConfig, data_dir_flag: Option<PathBuf>, flags: &NodeFlags) -> anyhow::Result<Effective> {
+    let host = blixard_node::config::host_resources();
+    let data_dir = data_dir_flag
+        .or(file.data_dir)
+        .context("no data dir: pass --data-dir DIR or set data_dir in the config file")?;
+    let mut labels = file.labels;
+    for l in &flags.labels {
+        let (k, v) = l.split_once('=').with_context(|| format!("label {l:?} must be k=v"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    for (k, v) in &labels {
+        blixard_types::command::validate_label(k, v)?;
+    }
+    let relay = flags.relay.clone().or(file.relay);
+    if let Some(r) = &relay {
+        r.parse::<iroh::RelayUrl>().with_context(|| format!("invalid relay URL {r:?}"))?;
+    }
+    Ok(Effective {
+        data_dir,
+        listen: flags.listen.or(file.listen),
+        relay,
+        cpus: flags.cpus.or(file.cpus).unwrap_or(host.cpus),
+        memory_mib: flags.memory_mib.or(file.memory_mib).unwrap_or(host.memory_mib),
+        disk_gib: flags.disk_gib.or(file.disk_gib),
+        labels,
+    })
+}
+
+impl Effective {
+    /// The effective configuration in the config file's own format.
+    pub fn to_toml(&self) -> anyhow::Result<String> {
+        let file = FileConfig {
+            data_dir: Some(self.data_dir.clone()),
+            listen: self.listen,
+            relay: self.relay.clone(),
+            cpus: Some(self.cpus),
+            memory_mib: Some(self.memory_mib),
+            disk_gib: self.disk_gib,
+            labels: self.labels.clone(),
+        };
+        Ok(toml::to_string(&file)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> FileConfig {
+        toml::from_str(text).expect("valid toml")
+    }
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let f = file("data_dir = \"/srv/a\"\nlisten = \"10.0.0.1:7000\"\ncpus = 4\n[labels]\nzone = \"a\"\nrack = \"1\"\n");
+        let flags = NodeFlags { cpus: Some(8), labels: vec!["zone=b".into()], ..Default::default() };
+        let e = merge(f.clone(), None, &flags).expect("merge");
+        assert_eq!(e.data_dir, PathBuf::from("/srv/a"));
+        assert_eq!(e.listen, Some("10.0.0.1:7000".parse().expect("addr")));
+        assert_eq!(e.cpus, 8);
+        assert_eq!(e.labels["zone"], "b");
+        assert_eq!(e.labels["rack"], "1");
+        assert_eq!(e.memory_mib, blixard_node::config::host_resources().memory_mib);
+        let e = merge(f, Some("/srv/b".into()), &NodeFlags::default()).expect("merge");
+        assert_eq!(e.data_dir, PathBuf::from("/srv/b"));
+        assert_eq!(e.cpus, 4);
+    }
+
+    #[test]
+    fn bad_files_and_values_are_refused() {
+        assert!(toml::from_str::<FileConfig>("cpu = 4").is_err(), "typo must not be ignored");
+        assert!(toml::from_str::<FileConfig>("cpus = \"many\"").is_err());
+        assert!(merge(FileConfig::default(), None, &NodeFlags::default()).is_err(), "no data dir");
+        let flags = NodeFlags { labels: vec!["novalue".into()], ..Default::default() };
+        assert!(merge(FileConfig::default(), Some("/x".into()), &flags).is_err());
+        let flags = NodeFlags { relay: Some("not a url".into()), ..Default::default() };
+        assert!(merge(FileConfig::default(), Some("/x".into()), &flags).is_err());
+    }
+
+    #[test]
+    fn printed_config_reads_back() {
+        let f = file("data_dir = \"/srv/a\"\ncpus = 4\n[labels]\nzone = \"a\"\n");
+        let e = merge(f, None, &NodeFlags::default()).expect("merge");
+        let back = file(&e.to_toml().expect("toml"));
+        assert_eq!(merge(back, None, &NodeFlags::default()).expect("merge"), e);
+    }
+}
