@@ -40,11 +40,13 @@ impl<H: ProtocolHandler> ProtocolHandler for Gate<H> {
         let key = crate::node_id(&conn.remote_id());
         if !(self.allow)(&key) {
             warn!(protocol = self.name, peer = %key.short(), "refused connection from unauthorised key");
+            crate::rpc::counters::REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             conn.close(VarInt::from_u32(CLOSE_UNAUTHORIZED), b"key not authorised by this cluster");
             // Give the close frame a moment to leave before the connection is dropped.
             let _ = tokio::time::timeout(std::time::Duration::from_millis(200), conn.closed()).await;
             return Ok(());
         }
+        crate::rpc::counters::ACCEPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.accept(conn).await
     }
 

@@ -13,6 +13,26 @@ use iroh::Endpoint;
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::{debug, Instrument};
 
+/// Process-wide RPC counters, exported as metrics.
+pub mod counters {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    pub static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
+    pub static BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
+    pub static DIALS: AtomicU64 = AtomicU64::new(0);
+    pub static DIAL_FAILURES: AtomicU64 = AtomicU64::new(0);
+    pub static REFUSED: AtomicU64 = AtomicU64::new(0);
+    pub static ACCEPTED: AtomicU64 = AtomicU64::new(0);
+
+    pub(crate) fn add(c: &AtomicU64, n: usize) {
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
 /// The close code a node sends when it refuses a peer's key.
 pub const CLOSE_UNAUTHORIZED: u32 = 403;
 /// The close code for a malformed message.
@@ -85,6 +105,7 @@ pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> Result
 
 /// Writes an already encoded frame.
 pub async fn write_bytes(send: &mut SendStream, bytes: &[u8]) -> Result<(), StreamError> {
+    counters::add(&counters::BYTES_SENT, bytes.len());
     send.write_all(bytes).await.map_err(|e| match e {
         iroh::endpoint::WriteError::ConnectionLost(c) => StreamError::Connection(c),
         other => StreamError::Stream(other.to_string()),
@@ -98,6 +119,7 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream) -> Result<T,
     let len = frame::body_len(prefix)?;
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body).await.map_err(read_err)?;
+    counters::add(&counters::BYTES_RECEIVED, 4 + len);
     Ok(frame::decode(&body)?)
 }
 
@@ -215,9 +237,12 @@ impl Pool {
         if addrs.is_empty() {
             return Err(RpcError::NoAddress(*peer));
         }
+        counters::add(&counters::DIALS, 1);
         let conn = tokio::time::timeout(self.connect_timeout, self.endpoint.connect(addr, self.alpn))
             .await
+            .inspect_err(|_| counters::add(&counters::DIAL_FAILURES, 1))
             .map_err(|_| RpcError::Connect { peer: *peer, reason: format!("no answer within {:?}", self.connect_timeout) })?
+            .inspect_err(|_| counters::add(&counters::DIAL_FAILURES, 1))
             .map_err(|e| RpcError::Connect { peer: *peer, reason: e.to_string() })?;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         // Another task may have dialled meanwhile: keep the first live one.

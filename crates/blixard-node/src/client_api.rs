@@ -74,8 +74,12 @@ async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<Cli
             if ctx.leader().await? != ctx.id {
                 return Ok(ClientResponse::Error(ApiError::NoLeader));
             }
+            let started = std::time::Instant::now();
             return match ctx.raft.client_write(r).await {
-                Ok(w) => Ok(result_response(w.data)),
+                Ok(w) => {
+                    ctx.metrics.observe_apply(started.elapsed());
+                    Ok(result_response(w.data))
+                }
                 Err(e) => Err(ApiError::Internal(e.to_string())),
             };
         }

@@ -32,6 +32,8 @@ pub struct NodeConfig {
     pub labels: BTreeMap<String, String>,
     /// Raft timing; tests may shorten it.
     pub raft: openraft::Config,
+    /// Where to serve Prometheus metrics (`None`: not at all).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl NodeConfig {
@@ -44,6 +46,7 @@ impl NodeConfig {
             resources: host_resources(),
             labels: BTreeMap::new(),
             raft: blixard_raft::storage::default_config(),
+            metrics: None,
         }
     }
 }
@@ -80,6 +83,9 @@ pub struct LocalState {
     pub listen: Option<SocketAddr>,
     #[serde(default)]
     pub join_peers: Vec<PeerAddr>,
+    /// Where metrics are served, if they are (for tools and tests).
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl LocalState {

@@ -18,6 +18,7 @@ pub mod client;
 pub mod client_api;
 pub mod config;
 pub mod join;
+pub mod metrics;
 pub mod node;
 
 pub use config::{NodeConfig, StartMode};

@@ -74,6 +74,7 @@ pub struct NodeCtx {
     pub join_peers: Arc<RwLock<Vec<PeerAddr>>>,
     /// Serialises membership changes on this node (openraft allows one at a time).
     pub membership_lock: Arc<tokio::sync::Mutex<()>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl NodeCtx {
@@ -123,8 +124,12 @@ impl NodeCtx {
         for _ in 0..3 {
             let leader = self.leader().await?;
             if leader == self.id {
+                let started = std::time::Instant::now();
                 match self.raft.client_write(req.clone()).await {
-                    Ok(r) => return Ok(r.data),
+                    Ok(r) => {
+                        self.metrics.observe_apply(started.elapsed());
+                        return Ok(r.data);
+                    }
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                         last = ApiError::NoLeader;
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -196,6 +201,8 @@ impl NodeCtx {
 pub struct Node {
     ctx: NodeCtx,
     router: Router,
+    /// Background tasks this node started (stopped on shutdown).
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 impl std::fmt::Debug for Node {
@@ -281,6 +288,7 @@ impl Node {
             peers: Pool::new(ep.clone(), alpn::CLIENT),
             join_peers: join_peers.clone(),
             membership_lock: Default::default(),
+            metrics: Default::default(),
         };
 
         let members: Authorizer = {
@@ -306,7 +314,19 @@ impl Node {
             .accept(alpn::JOIN, JoinService::new(ctx.clone()))
             .spawn();
 
-        let node = Node { ctx, router };
+        let mut tasks = vec![tokio::spawn(crate::metrics::watch_leader(ctx.clone(), ctx.metrics.clone())).abort_handle()];
+        if let Some(addr) = cfg.metrics {
+            if let Some(listener) = crate::metrics::bind(addr).await {
+                let bound = listener.local_addr().ok();
+                info!(addr = ?bound, "serving metrics");
+                local.metrics = bound;
+                local.save(&dir.local_state()).map_err(StartError::LocalState)?;
+                tasks.push(tokio::spawn(crate::metrics::serve(listener, ctx.clone())).abort_handle());
+            }
+        } else if local.metrics.take().is_some() {
+            local.save(&dir.local_state()).map_err(StartError::LocalState)?;
+        }
+        let node = Node { ctx, router, tasks };
         let info = NodeInfo { addrs, resources: with_disk(cfg.resources, dir.path()), labels: cfg.labels.clone() };
         let setup = match cfg.mode {
             StartMode::Init => node.bootstrap(info, &dir).await,
@@ -407,6 +427,9 @@ impl Node {
 
     /// Stops serving, shuts Raft down (flushing storage) and closes the endpoint.
     pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
         if let Err(e) = self.router.shutdown().await {
             warn!(error = %e, "router shutdown");
         }

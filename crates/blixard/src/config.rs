@@ -33,7 +33,43 @@ pub struct NodeFlags {
     /// An operator-run iroh relay URL (default: none; peers are dialled directly).
     #[arg(long)]
     pub relay: Option<String>,
+    /// Where to serve Prometheus metrics, or `off` (default: 127.0.0.1:9464).
+    #[arg(long, value_parser = parse_metrics)]
+    pub metrics_listen: Option<MetricsListen>,
 }
+
+/// `--metrics-listen`: an address, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MetricsListen {
+    Addr(SocketAddr),
+    #[serde(with = "off")]
+    Off,
+}
+
+mod off {
+    pub fn serialize<S: serde::Serializer>(s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("off")
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        if s == "off" {
+            Ok(())
+        } else {
+            Err(serde::de::Error::custom("expected an address or \"off\""))
+        }
+    }
+}
+
+fn parse_metrics(s: &str) -> Result<MetricsListen, String> {
+    if s == "off" {
+        return Ok(MetricsListen::Off);
+    }
+    s.parse().map(MetricsListen::Addr).map_err(|_| format!("invalid metrics address {s:?}: expected IP:PORT or off"))
+}
+
+/// Metrics are served on localhost unless configured otherwise.
+pub const DEFAULT_METRICS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
 
 /// The file format. Unknown keys are errors, so a typo is not silently ignored.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +81,7 @@ pub struct FileConfig {
     pub cpus: Option<u32>,
     pub memory_mib: Option<u64>,
     pub disk_gib: Option<u64>,
+    pub metrics_listen: Option<MetricsListen>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
@@ -66,6 +103,7 @@ pub struct Effective {
     pub memory_mib: u64,
     /// `None`: the free space of the data dir at start.
     pub disk_gib: Option<u64>,
+    pub metrics_listen: MetricsListen,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -102,6 +140,7 @@ fn merge(file: FileConfig, data_dir_flag: Option<PathBuf>, flags: &NodeFlags) ->
         cpus: flags.cpus.or(file.cpus).unwrap_or(host.cpus),
         memory_mib: flags.memory_mib.or(file.memory_mib).unwrap_or(host.memory_mib),
         disk_gib: flags.disk_gib.or(file.disk_gib),
+        metrics_listen: flags.metrics_listen.or(file.metrics_listen).unwrap_or(MetricsListen::Addr(DEFAULT_METRICS)),
         labels,
     })
 }
@@ -116,6 +155,7 @@ impl Effective {
             cpus: Some(self.cpus),
             memory_mib: Some(self.memory_mib),
             disk_gib: self.disk_gib,
+            metrics_listen: Some(self.metrics_listen),
             labels: self.labels.clone(),
         };
         Ok(toml::to_string(&file)?)
@@ -155,6 +195,19 @@ mod tests {
         assert!(merge(FileConfig::default(), Some("/x".into()), &flags).is_err());
         let flags = NodeFlags { relay: Some("not a url".into()), ..Default::default() };
         assert!(merge(FileConfig::default(), Some("/x".into()), &flags).is_err());
+    }
+
+    #[test]
+    fn metrics_listen_default_off_and_address() {
+        let e = merge(FileConfig::default(), Some("/x".into()), &NodeFlags::default()).expect("merge");
+        assert_eq!(e.metrics_listen, MetricsListen::Addr(DEFAULT_METRICS));
+        let e = merge(file("metrics_listen = \"off\""), Some("/x".into()), &NodeFlags::default()).expect("merge");
+        assert_eq!(e.metrics_listen, MetricsListen::Off);
+        let flags = NodeFlags { metrics_listen: Some(parse_metrics("0.0.0.0:9100").expect("addr")), ..Default::default() };
+        let e = merge(file("metrics_listen = \"off\""), Some("/x".into()), &flags).expect("merge");
+        assert_eq!(e.metrics_listen, MetricsListen::Addr("0.0.0.0:9100".parse().expect("addr")));
+        assert!(parse_metrics("nope").is_err());
+        assert!(toml::from_str::<FileConfig>("metrics_listen = \"on\"").is_err());
     }
 
     #[test]

@@ -99,6 +99,8 @@ fn spawn(exe: &Path, root: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<
     let mut child = Command::new(exe)
         .args(["node", "run", "--data-dir"])
         .arg(dir)
+        // Several nodes on one host: each serves metrics on a port of its own.
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

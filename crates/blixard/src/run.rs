@@ -36,6 +36,10 @@ pub async fn run(data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<()>
     cfg.resources.memory_mib = eff.memory_mib;
     cfg.resources.disk_gib = eff.disk_gib.unwrap_or(0);
     cfg.labels = eff.labels;
+    cfg.metrics = match eff.metrics_listen {
+        crate::config::MetricsListen::Addr(a) => Some(a),
+        crate::config::MetricsListen::Off => None,
+    };
 
     let node = Node::start(cfg).await.context("node failed to start")?;
     // One line on stdout for scripts: who we are and where we listen.

@@ -62,6 +62,36 @@ fn three_nodes_join_and_agree() {
     assert_eq!(labels[0]["result"], "ok");
     assert!(labels[2]["result"].as_str().is_some_and(|r| r.contains("invalid label")), "{labels:?}");
     assert!(labels.iter().all(|r| r["by"].as_str().is_some_and(|b| b.len() == 64)));
+    // Every node serves Prometheus metrics; the families parse and count real work.
+    let leader_id = leader(&c.status().expect("status")).expect("leader");
+    let li = c.index_of(&leader_id);
+    let text = scrape(&c.nodes[li].dir);
+    for family in [
+        "blixard_raft_term",
+        "blixard_raft_commit_index",
+        "blixard_raft_is_leader",
+        "blixard_raft_leader_changes_total",
+        "blixard_raft_apply_latency_seconds_count",
+        "blixard_mesh_connections_accepted_total",
+        "blixard_mesh_rpc_bytes_sent_total",
+        "blixard_cluster_members",
+    ] {
+        assert!(text.lines().any(|l| l.starts_with(family)), "{family} missing:\n{text}");
+    }
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} has no numeric value"))
+    };
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let v = l.rsplit(' ').next().expect("value");
+        assert!(v.parse::<f64>().is_ok(), "unparseable sample {l:?}");
+    }
+    assert_eq!(value("blixard_raft_is_leader"), 1.0);
+    assert_eq!(value("blixard_cluster_members"), 3.0);
+    assert!(value("blixard_raft_apply_latency_seconds_count") >= 3.0, "label writes went through the leader");
     // Every replica applies the same state.
     wait_for("equal state digests", Duration::from_secs(5), || {
         let digests: Vec<String> = c
@@ -182,4 +212,18 @@ fn demo_starts_a_healthy_cluster() {
     assert_eq!(count_role(&s, "voter"), 3, "{s:#}");
     assert!(members(&s).iter().all(|m| m["healthy"] == true), "{s:#}");
     assert!(dir.path().join("client.ticket").exists());
+}
+
+/// GETs /metrics from the node whose data dir is `dir` (its address is in node.json).
+fn scrape(dir: &std::path::Path) -> String {
+    use std::io::{Read, Write};
+    let local: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("node.json")).expect("node.json")).expect("json");
+    let addr = local["metrics"].as_str().expect("metrics address recorded");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
 }
