@@ -65,9 +65,13 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
         ClientResponse::Ticket { ticket, .. } => ticket,
         other => bail!("unexpected answer {other:?}"),
     };
+    // The ticket goes through a private file, not the command line (visible in `ps`).
+    let join_file = dir.join("join.ticket");
+    blixard_node::config::write_atomic(&join_file, join.as_bytes(), 0o600)?;
+    let join_file = join_file.to_string_lossy().into_owned();
     for i in 2..=args.nodes {
         let d = dir.join(format!("n{i}"));
-        let join_args: Vec<&str> = if d.join("raft.redb").exists() { vec![] } else { vec!["--join", &join] };
+        let join_args: Vec<&str> = if d.join("raft.redb").exists() { vec![] } else { vec!["--join-file", &join_file] };
         procs.0.push(spawn(&exe, &dir, &d, &join_args)?);
     }
     // A client ticket naming every member, so the CLI works while any one is down.

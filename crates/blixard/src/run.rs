@@ -14,9 +14,13 @@ pub struct RunArgs {
     /// Bootstrap a new cluster with this node as its first voter.
     #[arg(long, conflicts_with = "join")]
     init: bool,
-    /// Join a cluster with a node ticket.
-    #[arg(long)]
+    /// Join a cluster with a node ticket (visible to local users in `ps`: prefer
+    /// --join-file).
+    #[arg(long, conflicts_with = "join_file")]
     join: Option<String>,
+    /// Join a cluster with the node ticket in this file.
+    #[arg(long, conflicts_with = "init")]
+    join_file: Option<PathBuf>,
     #[command(flatten)]
     node: NodeFlags,
 }
@@ -24,8 +28,15 @@ pub struct RunArgs {
 pub async fn run(data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<()> {
     let eff = crate::config::effective(data_dir, &args.node)?;
     let data_dir = eff.data_dir.clone();
-    let mode = match (&args.join, args.init) {
-        (Some(t), _) => StartMode::Join(Ticket::decode(t).context("invalid --join ticket")?),
+    let join = match (&args.join, &args.join_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(p)) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("cannot read the join ticket {}", p.display()))?)
+        }
+        (None, None) => None,
+    };
+    let mode = match (&join, args.init) {
+        (Some(t), _) => StartMode::Join(Ticket::decode(t).context("invalid join ticket")?),
         (None, true) => StartMode::Init,
         (None, false) => StartMode::Resume,
     };
