@@ -189,6 +189,9 @@ in
     };
     users.groups.blixard = { };
 
+    # The CLI, for `blixard --data-dir ${cfg.dataDir} cluster status` as root.
+    environment.systemPackages = [ cfg.package ];
+
     networking.firewall.allowedUDPPorts = lib.optional (cfg.openFirewall && listenPort != null) listenPort;
 
     systemd.tmpfiles.rules = lib.optional (!underVarLib) "d ${cfg.dataDir} 0700 blixard blixard - -";
