@@ -8,8 +8,8 @@
 #      the expected options exist, defaults and settings pass their types, assertions hold
 #      (and fail where they must), the generated service has the expected settings;
 #   3. the start wrapper (packaging/systemd/blixard-start), run through the module's
-#      ExecStart and the Debian unit's ExecStart with a fake blixard: --init / --join only
-#      on first start, the ticket read from its file;
+#      ExecStart and the Debian unit's ExecStart with a fake blixard: --init / --join-file
+#      only on first start;
 #   4. `systemd-analyze verify` of packaging/systemd/blixard.service and of a unit rendered
 #      from the module's serviceConfig (when systemd-analyze is installed), failing on any
 #      warning, since verify exits 0 on unknown or unparsable settings.
@@ -102,7 +102,7 @@ jq -e --arg t "$T/join.ticket" '.service.environment == { BLIXARD_JOIN_TICKET_FI
 jqt join '.firewallUDP == [7000]'
 jq -e --arg d "$D_JOIN" '.tmpfiles == ["d " + $d + " 0700 blixard blixard - -"] and (.service.serviceConfig | has("StateDirectory") | not)
     and .service.serviceConfig.ReadWritePaths == [$d]' "$T/join.json" >/dev/null || fail "join: data dir outside /var/lib"
-jqt join '(.execArgv | index("--join")) == null'
+jqt join '(.execArgv | index("--join-file")) == null'
 ok "module: every option reaches its flag; the ticket file is passed by path (BLIXARD_JOIN_TICKET_FILE), never inline"
 
 D_INIT="$T/data-init"
@@ -154,20 +154,20 @@ no_arg() {
 
 printf '  blixardTESTTICKET\r\n' >"$T/join.ticket"
 run_module join BLIXARD_JOIN_TICKET_FILE="$T/join.ticket" || { cat "$T/stderr" >&2; fail "module ExecStart, first start"; }
-has_args "--label note=a b\$c%d --join blixardTESTTICKET"
+has_args "--label note=a b\$c%d --join-file $T/join.ticket"
 mkdir -p "$D_JOIN" && : >"$D_JOIN/raft.redb"
 run_module join BLIXARD_JOIN_TICKET_FILE="$T/join.ticket" || fail "module ExecStart, restart"
-no_arg --join
+no_arg --join-file
 rm -f "$T/join.ticket"
 run_module join BLIXARD_JOIN_TICKET_FILE="$T/join.ticket" || fail "module ExecStart, restart after the ticket file was deleted"
-no_arg --join
+no_arg --join-file
 rm -f "$D_JOIN/raft.redb"
 if run_module join BLIXARD_JOIN_TICKET_FILE="$T/join.ticket"; then fail "first start with a missing ticket file should fail"; fi
 grep -q "cannot read the join ticket file" "$T/stderr" || fail "missing ticket file: $(cat "$T/stderr")"
 : >"$T/join.ticket"
 if run_module join BLIXARD_JOIN_TICKET_FILE="$T/join.ticket"; then fail "first start with an empty ticket file should fail"; fi
 grep -q "is empty" "$T/stderr" || fail "empty ticket file: $(cat "$T/stderr")"
-ok "wrapper (module ExecStart): --join <ticket from file> on first start only; missing or empty ticket file refused"
+ok "wrapper (module ExecStart): --join-file on first start only; missing or empty ticket file refused"
 
 run_module init BLIXARD_INIT=1 || fail "module ExecStart, init"
 has_args "--backend qemu --init"
@@ -204,11 +204,11 @@ run_deb() { # FLAGS [ENV...]: emulates systemd's $BLIXARD_FLAGS word splitting
 }
 printf 'blixardDEBTICKET\n' >"$T/deb.ticket"
 run_deb "--listen 10.0.0.3:7000  --label zone=b" BLIXARD_JOIN_TICKET_FILE="$T/deb.ticket" || fail "Debian ExecStart, first start"
-[ "$(args)" = "--data-dir $D_DEB node run --listen 10.0.0.3:7000 --label zone=b --join blixardDEBTICKET " ] || fail "Debian ExecStart: $(args)"
+[ "$(args)" = "--data-dir $D_DEB node run --listen 10.0.0.3:7000 --label zone=b --join-file $T/deb.ticket " ] || fail "Debian ExecStart: $(args)"
 mkdir -p "$D_DEB" && : >"$D_DEB/raft.redb"
 run_deb "" BLIXARD_JOIN_TICKET_FILE="$T/deb.ticket" || fail "Debian ExecStart, restart"
 [ "$(args)" = "--data-dir $D_DEB node run " ] || fail "Debian ExecStart restart: $(args)"
-ok "wrapper (Debian ExecStart): '$exec_line' -> --join <ticket> on first start only"
+ok "wrapper (Debian ExecStart): '$exec_line' -> --join-file on first start only"
 
 # --- 4. systemd-analyze verify ----------------------------------------------------------
 if ! command -v systemd-analyze >/dev/null; then

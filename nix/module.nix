@@ -17,7 +17,7 @@ let
   inherit (lib) mkOption mkEnableOption types;
 
   # The same wrapper as the Debian unit (packaging/systemd/blixard-start): adds --init or
-  # --join "<ticket read from a file>" only while DATA_DIR/raft.redb does not exist, then
+  # --join-file FILE only while DATA_DIR/raft.redb does not exist, then
   # execs blixard (so blixard is the main process: READY=1, SIGTERM).
   startWrapper = pkgs.writeShellScript "blixard-start" (builtins.readFile ../packaging/systemd/blixard-start);
 
@@ -113,7 +113,7 @@ in
       description = ''
         A file holding a voter or learner ticket (`blixard cluster ticket`). On the first
         start only (while DATA_DIR/raft.redb does not exist) the node runs with
-        `--join "<ticket>"`. The ticket never enters the Nix store or the unit: give a path
+        `--join-file FILE` (blixard reads the ticket). The ticket never enters the Nix store or the unit: give a path
         to a secret outside the store, readable by the `blixard` user. Delete or revoke it
         once the node joined; tickets expire anyway (default 1h).
       '';
