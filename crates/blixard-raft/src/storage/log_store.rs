@@ -25,6 +25,8 @@ type Result<T, C> = std::result::Result<T, StorageError<<C as openraft::RaftType
 /// Writes are serialized by `&mut self` and each one is fsync'd before it returns.
 pub struct LogStore<C: StorageConfig = TypeConfig> {
     db: Arc<Database>,
+    /// See [`super::OpenOptions::inline_io`].
+    inline_io: bool,
     _config: PhantomData<fn() -> C>,
 }
 
@@ -36,8 +38,8 @@ pub struct LogReader<C: StorageConfig = TypeConfig> {
 }
 
 impl<C: StorageConfig> LogStore<C> {
-    pub(crate) fn new(db: Arc<Database>) -> Self {
-        Self { db, _config: PhantomData }
+    pub(crate) fn new(db: Arc<Database>, inline_io: bool) -> Self {
+        Self { db, inline_io, _config: PhantomData }
     }
 
     #[cfg(test)]
@@ -185,7 +187,7 @@ impl<C: StorageConfig> RaftLogStorage<C> for LogStore<C> {
         let map = |e: DbError| e.into_storage::<C>(ErrorSubject::Vote, ErrorVerb::Write);
         let bytes = encode("vote", vote).map_err(map)?;
         let db = self.db.clone();
-        blocking(move || {
+        blocking(self.inline_io, move || {
             write(&db, Durability::Immediate, |txn| {
                 txn.open_table(META)?.insert(KEY_VOTE, bytes.as_slice())?;
                 Ok(())
@@ -205,7 +207,7 @@ impl<C: StorageConfig> RaftLogStorage<C> for LogStore<C> {
         let bytes = encode("committed log id", &committed).map_err(map)?;
         let db = self.db.clone();
         // Not fsync'd: see the module docs. It becomes durable with the next log write.
-        blocking(move || {
+        blocking(self.inline_io, move || {
             write(&db, Durability::None, |txn| {
                 txn.open_table(META)?.insert(KEY_COMMITTED, bytes.as_slice())?;
                 Ok(())
@@ -238,7 +240,7 @@ impl<C: StorageConfig> RaftLogStorage<C> for LogStore<C> {
         };
         let span = tracing::debug_span!("append", n = rows.len(), first = %first, last = %last);
         let db = self.db.clone();
-        let result = blocking(move || {
+        let result = blocking(self.inline_io, move || {
             write(&db, Durability::Immediate, |txn| {
                 let mut log = txn.open_table(LOG)?;
                 for (log_id, bytes) in &rows {
@@ -267,7 +269,7 @@ impl<C: StorageConfig> RaftLogStorage<C> for LogStore<C> {
     async fn truncate(&mut self, log_id: LogId<C::NodeId>) -> Result<(), C> {
         let db = self.db.clone();
         let since = log_id.index;
-        blocking(move || {
+        blocking(self.inline_io, move || {
             write(&db, Durability::Immediate, |txn| {
                 txn.open_table(LOG)?.retain_in(since.., |_, _| false)?;
                 Ok(())
@@ -282,7 +284,7 @@ impl<C: StorageConfig> RaftLogStorage<C> for LogStore<C> {
         let map = |e: DbError| e.into_storage::<C>(ErrorSubject::Logs, ErrorVerb::Delete);
         let bytes = encode("last purged log id", &log_id).map_err(map)?;
         let db = self.db.clone();
-        blocking(move || {
+        blocking(self.inline_io, move || {
             write(&db, Durability::Immediate, |txn| {
                 let mut meta = txn.open_table(META)?;
                 let previous: Option<LogId<C::NodeId>> = match meta.get(KEY_LAST_PURGED)? {

@@ -176,13 +176,36 @@ pub(crate) fn decode<T: DeserializeOwned>(what: impl FnOnce() -> String, bytes: 
     postcard::from_bytes(bytes).map_err(|e| CorruptError::new(what(), e))
 }
 
-/// Runs blocking redb work (a commit may fsync) off the async worker threads.
-pub(crate) async fn blocking<T, F>(f: F) -> Result<T, DbError>
+/// Runs blocking redb work (a commit may fsync) off the async worker threads, or on the
+/// calling task if `inline` (see [`OpenOptions::inline_io`]).
+pub(crate) async fn blocking<T, F>(inline: bool, f: F) -> Result<T, DbError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, DbError> + Send + 'static,
 {
+    if inline {
+        return f();
+    }
     tokio::task::spawn_blocking(f).await.map_err(|e| DbError::Task(e.to_string()))?
+}
+
+/// How to open the store. The default is what production uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OpenOptions {
+    /// Run redb writes (and their fsyncs) on the calling task instead of tokio's blocking
+    /// pool. Only for the deterministic simulator (`sim/`): a blocking-pool thread finishes
+    /// at a wall-clock moment, which would make a current-thread, paused-clock runtime
+    /// interleave tasks differently from run to run. Blocks the runtime during each commit.
+    pub inline_io: bool,
+}
+
+impl OpenOptions {
+    /// Options with [`OpenOptions::inline_io`] set to `inline_io`.
+    pub fn inline_io(mut self, inline_io: bool) -> Self {
+        self.inline_io = inline_io;
+        self
+    }
 }
 
 /// Opens (creating if needed) the raft store at `path`, e.g. `DATA_DIR/raft.redb`, and loads
@@ -196,6 +219,14 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
 
 /// [`open`] for any [`StorageConfig`].
 pub fn open_with<C: StorageConfig>(path: &Path) -> Result<(LogStore<C>, StateMachineStore<C>), OpenError> {
+    open_with_options::<C>(path, OpenOptions::default())
+}
+
+/// [`open_with`] with [`OpenOptions`].
+pub fn open_with_options<C: StorageConfig>(
+    path: &Path,
+    options: OpenOptions,
+) -> Result<(LogStore<C>, StateMachineStore<C>), OpenError> {
     let span = tracing::debug_span!("raft_store_open", path = %path.display());
     let _guard = span.enter();
     let db_err = |e: DbError| match e {
@@ -217,7 +248,8 @@ pub fn open_with<C: StorageConfig>(path: &Path) -> Result<(LogStore<C>, StateMac
         snapshot_counter = counter,
         "raft store opened"
     );
-    Ok((LogStore::new(db.clone()), StateMachineStore::new(db, applied, counter)))
+    let inline = options.inline_io;
+    Ok((LogStore::new(db.clone(), inline), StateMachineStore::new(db, applied, counter, inline)))
 }
 
 enum Prepared {

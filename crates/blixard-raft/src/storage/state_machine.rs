@@ -92,6 +92,8 @@ pub struct StateMachineStore<C: StorageConfig = TypeConfig> {
     snapshot_counter: Arc<AtomicU64>,
     /// Told about every applied normal entry (audit log, reconcilers).
     observer: Option<tokio::sync::mpsc::UnboundedSender<AppliedEntry>>,
+    /// See [`super::OpenOptions::inline_io`].
+    inline_io: bool,
 }
 
 /// One applied client command, as observers see it.
@@ -109,6 +111,7 @@ pub struct SnapshotBuilder<C: StorageConfig = TypeConfig> {
     db: Arc<Database>,
     shared: SharedState<C>,
     snapshot_counter: Arc<AtomicU64>,
+    inline_io: bool,
 }
 
 impl<C: StorageConfig> fmt::Debug for StateMachineStore<C> {
@@ -124,12 +127,13 @@ impl<C: StorageConfig> fmt::Debug for SnapshotBuilder<C> {
 }
 
 impl<C: StorageConfig> StateMachineStore<C> {
-    pub(crate) fn new(db: Arc<Database>, applied: Applied<C>, snapshot_counter: u64) -> Self {
+    pub(crate) fn new(db: Arc<Database>, applied: Applied<C>, snapshot_counter: u64, inline_io: bool) -> Self {
         Self {
             db,
             shared: Arc::new(RwLock::new(applied)),
             snapshot_counter: Arc::new(AtomicU64::new(snapshot_counter)),
             observer: None,
+            inline_io,
         }
     }
 
@@ -240,7 +244,7 @@ impl<C: StorageConfig> RaftSnapshotBuilder<C> for SnapshotBuilder<C> {
             .map_err(|e| e.into_storage::<C>(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write))?;
         let db = self.db.clone();
         let persist_meta = meta.clone();
-        let (written, data) = blocking(move || persist_snapshot::<C>(&db, &persist_meta, data, Some(n)))
+        let (written, data) = blocking(self.inline_io, move || persist_snapshot::<C>(&db, &persist_meta, data, Some(n)))
             .instrument(span.clone())
             .await
             .map_err(|e| e.into_storage::<C>(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write))?;
@@ -302,6 +306,7 @@ impl<C: StorageConfig> RaftStateMachine<C> for StateMachineStore<C> {
             db: self.db.clone(),
             shared: self.shared.clone(),
             snapshot_counter: self.snapshot_counter.clone(),
+            inline_io: self.inline_io,
         }
     }
 
@@ -319,7 +324,7 @@ impl<C: StorageConfig> RaftStateMachine<C> for StateMachineStore<C> {
             .map_err(|e| DbError::from(e).into_storage::<C>(subject(), ErrorVerb::Read))?;
         let db = self.db.clone();
         let persist_meta = meta.clone();
-        let (written, data) = blocking(move || persist_snapshot::<C>(&db, &persist_meta, data, None))
+        let (written, data) = blocking(self.inline_io, move || persist_snapshot::<C>(&db, &persist_meta, data, None))
             .instrument(span.clone())
             .await
             .map_err(|e| e.into_storage::<C>(subject(), ErrorVerb::Write))?;

@@ -1,0 +1,836 @@
+//! One simulated run: start the nodes, bootstrap, a safety phase under faults, a liveness
+//! phase without them, and the final checks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant as WallInstant};
+
+use blixard_raft::storage::{open_with_options, LogReader, OpenOptions, SharedState};
+use blixard_raft::RaftNode;
+use blixard_types::command::{NodeInfo, Refusal};
+use blixard_types::{ClusterId, Command, CommandResult, NodeId, Request};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::storage::RaftLogStorage;
+use openraft::{EntryPayload, RaftLogReader, ServerState};
+use tokio::task::JoinHandle;
+
+use crate::invariants::oracle::Ack;
+use crate::network::SimNetwork;
+use crate::rng::SimRng;
+use crate::runtime;
+use crate::storage::{digest, Bug, CheckedSm, SimLog};
+use crate::world::{Counters, NetFaults, World, WorldState};
+use crate::{Entry, Raft, SimConfig};
+
+/// Which faults the nemesis injects during the safety phase.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FaultPlan {
+    pub net: NetFaults,
+    /// Pause between two nemesis actions (ms range).
+    pub gap_ms: (u64, u64),
+    pub partitions: bool,
+    pub crashes: bool,
+    pub clock_skew: bool,
+    pub slow_disks: bool,
+    /// How long a crashed node stays down (ms range).
+    pub downtime_ms: (u64, u64),
+}
+
+impl Default for FaultPlan {
+    fn default() -> Self {
+        Self {
+            net: NetFaults::CHAOS,
+            gap_ms: (200, 2_000),
+            partitions: true,
+            crashes: true,
+            clock_skew: true,
+            slow_disks: true,
+            downtime_ms: (50, 3_000),
+        }
+    }
+}
+
+impl FaultPlan {
+    /// Crash-heavy, with short downtimes and slow messages: nodes restart while vote
+    /// requests are still in flight, which is what exposes a forgotten vote.
+    pub fn election_storm() -> Self {
+        Self {
+            net: NetFaults {
+                spike: 0.3,
+                spike_ms: (20, 300),
+                ..NetFaults::CHAOS
+            },
+            gap_ms: (30, 200),
+            downtime_ms: (5, 150),
+            clock_skew: false,
+            slow_disks: false,
+            ..Self::default()
+        }
+    }
+}
+
+/// The named fault plans (`--faults`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    /// Every fault kind, one nemesis action every 0.2–2 s, message loss/delay/duplication.
+    Default,
+    /// The same faults, one nemesis action every 0.1–0.5 s, shorter downtimes (short runs).
+    Dense,
+    /// Frequent short crashes and slow messages: elections under crashes.
+    ElectionStorm,
+}
+
+impl Profile {
+    pub const ALL: [Profile; 3] = [Profile::Default, Profile::Dense, Profile::ElectionStorm];
+
+    pub fn plan(self) -> FaultPlan {
+        match self {
+            Profile::Default => FaultPlan::default(),
+            Profile::Dense => FaultPlan {
+                gap_ms: (100, 500),
+                downtime_ms: (20, 1_000),
+                ..FaultPlan::default()
+            },
+            Profile::ElectionStorm => FaultPlan::election_storm(),
+        }
+    }
+
+    fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    pub seed: u64,
+    pub nodes: u64,
+    /// Simulated length of the safety phase (faults on).
+    pub safety_ms: u64,
+    /// Bound on the liveness phase: the cluster must converge within it.
+    pub liveness_ms: u64,
+    pub clients: u64,
+    pub faults: FaultPlan,
+    pub bug: Option<Bug>,
+    /// Build a snapshot every this many applied entries (often, so that building, purging
+    /// and installing snapshots happen within a run; production uses 10 000).
+    pub snapshot_every: u64,
+    /// Keep the trace as text (for `--seed` replays).
+    pub keep_trace: bool,
+}
+
+impl SimOptions {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            nodes: 5,
+            safety_ms: 20_000,
+            liveness_ms: 30_000,
+            clients: 3,
+            faults: FaultPlan::default(),
+            bug: None,
+            snapshot_every: 100,
+            keep_trace: false,
+        }
+    }
+
+    /// The command line that replays this run.
+    pub fn replay_command(&self) -> String {
+        let mut cmd = format!(
+            "cargo run --release -p blixard-sim -- --seed {} --nodes {} --safety-ms {} --liveness-ms {}",
+            self.seed, self.nodes, self.safety_ms, self.liveness_ms
+        );
+        match Profile::ALL.iter().find(|p| p.plan() == self.faults) {
+            Some(Profile::Default) => {}
+            Some(p) => cmd.push_str(&format!(" --faults {}", p.name())),
+            None => cmd.push_str(&format!(" (with the fault plan {:?})", self.faults)),
+        }
+        if self.snapshot_every != 100 {
+            cmd.push_str(&format!(" --snapshot-every {}", self.snapshot_every));
+        }
+        if let Some(bug) = self.bug {
+            let name = clap::ValueEnum::to_possible_value(&bug).map(|v| v.get_name().to_string());
+            cmd.push_str(&format!(" --bug {}", name.unwrap_or_default()));
+        }
+        cmd
+    }
+}
+
+/// The outcome of one run.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub seed: u64,
+    pub sim_ms: u64,
+    pub trace_hash: String,
+    pub events: u64,
+    pub counters: Counters,
+    pub violations: Vec<String>,
+    pub acked: usize,
+    pub committed: usize,
+    pub terms_with_leader: usize,
+    pub trace: Vec<String>,
+    pub wall: Duration,
+}
+
+/// Runs one seed on a fresh current-thread runtime with a paused clock (on this thread).
+pub fn run_seed(opts: &SimOptions) -> Report {
+    let wall = WallInstant::now();
+    runtime::seed_thread_rng(opts.seed);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build();
+    let mut report = match rt {
+        Ok(rt) => {
+            let report = rt.block_on(run(opts.clone()));
+            // Dropping the runtime drops every task left (and the stores they own).
+            drop(rt);
+            report
+        }
+        Err(e) => Report {
+            seed: opts.seed,
+            sim_ms: 0,
+            trace_hash: String::new(),
+            events: 0,
+            counters: Counters::default(),
+            violations: vec![format!("cannot build the runtime: {e}")],
+            acked: 0,
+            committed: 0,
+            terms_with_leader: 0,
+            trace: Vec::new(),
+            wall: Duration::ZERO,
+        },
+    };
+    report.wall = wall.elapsed();
+    report
+}
+
+/// The key node `id` is known by in cluster state.
+pub fn node_key(id: u64) -> NodeId {
+    NodeId([id as u8 + 1; 32])
+}
+
+fn client_key(c: u64) -> NodeId {
+    NodeId([0xC0 + c as u8; 32])
+}
+
+/// The nodes, their files, and how to start and crash them.
+struct Sim {
+    world: Arc<World>,
+    dir: PathBuf,
+    config: Arc<openraft::Config>,
+    bug: Option<Bug>,
+    nodes: u64,
+    /// Tasks that are not any node's: nemesis, clients, checkers.
+    background: Mutex<Vec<JoinHandle<()>>>,
+    /// A stored-log reader and the applied state of each running node.
+    handles: Mutex<BTreeMap<u64, NodeHandles>>,
+}
+
+/// What the checkers hold of a running node: a reader on its stored log, its applied state.
+type NodeHandles = (LogReader<SimConfig>, SharedState<SimConfig>);
+
+impl Sim {
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(f);
+        let mut bg = self.background.lock().unwrap_or_else(|p| p.into_inner());
+        bg.retain(|h| !h.is_finished());
+        bg.push(handle);
+    }
+
+    fn stop_background(&self) {
+        for h in self
+            .background
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            h.abort();
+        }
+    }
+
+    fn raft(&self, id: u64) -> Option<Raft> {
+        self.world.lock().rafts.get(&id).cloned()
+    }
+
+    fn up(&self) -> BTreeSet<u64> {
+        self.world.lock().rafts.keys().copied().collect()
+    }
+
+    /// Starts node `id` from its files (first start or restart after a crash).
+    async fn start_node(self: &Arc<Self>, id: u64) {
+        if self.raft(id).is_some() {
+            return;
+        }
+        let path = self.dir.join(format!("n{id}.redb"));
+        let options = OpenOptions::default().inline_io(true);
+        let mut tries = 0;
+        // After a crash the aborted tasks drop their store handles when the runtime next
+        // turns; until then redb refuses to open the file again.
+        let (log, sm) = loop {
+            match open_with_options::<SimConfig>(&path, options) {
+                Ok(stores) => break stores,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    if tries == 100 {
+                        self.world
+                            .lock()
+                            .violation(format!("n{id} cannot reopen its store: {e}"));
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(_) => return,
+            }
+        };
+        let mut log = SimLog::new(log, id, self.world.clone(), self.bug);
+        let reader = log.get_log_reader().await;
+        let sm = CheckedSm::new(sm, id, self.world.clone());
+        let shared = sm.shared();
+        let network = SimNetwork {
+            from: id,
+            world: self.world.clone(),
+        };
+        let raft =
+            match runtime::run_as(id, Raft::new(id, self.config.clone(), network, log, sm)).await {
+                Ok(raft) => raft,
+                Err(e) => {
+                    self.world
+                        .lock()
+                        .violation(format!("n{id} failed to start: {e}"));
+                    return;
+                }
+            };
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (reader, shared));
+        let metrics = raft.metrics();
+        {
+            let mut w = self.world.lock();
+            w.rafts.insert(id, raft);
+            w.event(format_args!("n{id} up"));
+        }
+        runtime::spawn_on(id, watch_metrics(id, metrics, self.world.clone()));
+    }
+
+    /// Crashes node `id`: all its tasks are aborted mid-flight; its files stay.
+    fn crash_node(&self, id: u64, teardown: bool) {
+        let raft = self.world.lock().rafts.remove(&id);
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        let tasks = runtime::crash(id);
+        drop(raft);
+        let mut w = self.world.lock();
+        if teardown {
+            w.event(format_args!("n{id} stopped ({tasks} tasks)"));
+        } else {
+            w.counters.bump("crashes");
+            w.event(format_args!("n{id} crash ({tasks} tasks)"));
+        }
+    }
+
+    /// Compares each running node's stored log, up to what it applied, with the committed log.
+    async fn check_logs(&self) {
+        let handles: Vec<_> = self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, (r, s))| (*id, r.clone(), s.clone()))
+            .collect();
+        for (id, mut reader, shared) in handles {
+            let applied = shared
+                .read()
+                .ok()
+                .and_then(|a| a.last_applied.map(|l| l.index));
+            let Some(applied) = applied else { continue };
+            // The store reads inline: no other task runs between these lines.
+            let entries: Vec<Entry> = match reader.try_get_log_entries(..=applied).await {
+                Ok(e) => e,
+                Err(e) => {
+                    self.world
+                        .lock()
+                        .violation(format!("n{id} cannot read its log: {e}"));
+                    continue;
+                }
+            };
+            let digests: Vec<_> = entries
+                .iter()
+                .map(|e| (e.log_id.index, digest(e)))
+                .collect();
+            let mut w = self.world.lock();
+            for v in w.checks.committed.check_log(id, &digests) {
+                w.violation(v);
+            }
+        }
+    }
+
+    /// Whether the healed cluster has converged; if not, why not.
+    fn converged(&self) -> Result<u64, String> {
+        let w = self.world.lock();
+        if w.rafts.len() as u64 != self.nodes {
+            return Err(format!("only {} of {} nodes up", w.rafts.len(), self.nodes));
+        }
+        let metrics: Vec<_> = w
+            .rafts
+            .iter()
+            .map(|(id, r)| (*id, r.metrics().borrow().clone()))
+            .collect();
+        let leaders: Vec<_> = metrics
+            .iter()
+            .filter(|(_, m)| m.state == ServerState::Leader)
+            .collect();
+        let [(leader, lm)] = leaders.as_slice() else {
+            return Err(format!("{} leaders", leaders.len()));
+        };
+        if let Some((id, _)) = metrics
+            .iter()
+            .find(|(_, m)| m.current_leader != Some(*leader))
+        {
+            return Err(format!("n{id} does not follow leader n{leader}"));
+        }
+        let last = lm.last_log_index.unwrap_or(0);
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, (_, shared)) in handles.iter() {
+            let Ok(applied) = shared.read() else {
+                return Err(format!("n{id} state lock poisoned"));
+            };
+            let at = applied.last_applied.as_ref().map(|l| l.index).unwrap_or(0);
+            if at != last {
+                return Err(format!("n{id} applied {at}, leader n{leader} has {last}"));
+            }
+            let empty = BTreeMap::new();
+            let labels = applied
+                .state
+                .nodes
+                .get(&node_key(0))
+                .map(|n| &n.labels)
+                .unwrap_or(&empty);
+            let missing = w.checks.oracle.missing(labels).next().map(str::to_owned);
+            if let Some(key) = missing {
+                return Err(format!("n{id} misses acknowledged write {key}"));
+            }
+        }
+        Ok(*leader)
+    }
+}
+
+/// Follows one node's metrics: records term/role changes and checks election safety.
+async fn watch_metrics(
+    id: u64,
+    mut rx: tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, RaftNode>>,
+    world: Arc<World>,
+) {
+    let mut last = None;
+    loop {
+        {
+            let m = rx.borrow_and_update();
+            let key = (m.current_term, m.state, m.current_leader);
+            let mut w = world.lock();
+            if last != Some(key) {
+                last = Some(key);
+                w.event(format_args!(
+                    "n{id} term {} {:?} leader {:?}",
+                    m.current_term, m.state, m.current_leader
+                ));
+                if m.state == ServerState::Leader {
+                    let v = w.checks.election.observe_leader(id, m.current_term);
+                    w.violations_opt(v);
+                }
+            }
+            if let Err(fatal) = &m.running_state {
+                w.violation(format!("n{id} raft stopped: {fatal}"));
+                return;
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes through node `target` (following redirects); `Ok(Some(ack digest))` if acknowledged.
+enum WriteOutcome {
+    Acked(Ack),
+    Refused(Refusal),
+    Redirect(Option<u64>),
+    Unknown,
+}
+
+async fn write(
+    sim: &Sim,
+    target: u64,
+    key: Option<String>,
+    cmd: Command,
+    by: NodeId,
+) -> WriteOutcome {
+    let Some(raft) = sim.raft(target) else {
+        return WriteOutcome::Redirect(None);
+    };
+    let req = Request {
+        at_ms: sim.world.lock().node_clock_ms(target),
+        by,
+        cmd,
+    };
+    match tokio::time::timeout(Duration::from_secs(5), raft.client_write(req.clone())).await {
+        Ok(Ok(resp)) => match resp.data {
+            CommandResult::Ok => {
+                let entry = Entry {
+                    log_id: resp.log_id,
+                    payload: EntryPayload::Normal(req),
+                };
+                WriteOutcome::Acked(Ack {
+                    key: key.unwrap_or_default(),
+                    index: resp.log_id.index,
+                    digest: digest(&entry),
+                })
+            }
+            CommandResult::Refused(r) => WriteOutcome::Refused(r),
+        },
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            WriteOutcome::Redirect(f.leader_id)
+        }
+        _ => WriteOutcome::Unknown,
+    }
+}
+
+/// A client: writes a fresh label key now and then, and records what was acknowledged.
+async fn client(sim: Arc<Sim>, c: u64, mut rng: SimRng) {
+    let mut target = rng.below(sim.nodes);
+    for n in 0.. {
+        tokio::time::sleep(Duration::from_millis(rng.range(20, 300))).await;
+        let key = format!("c{c}-w{n}");
+        let cmd = Command::SetLabels {
+            node: node_key(0),
+            set: BTreeMap::from([(key.clone(), "1".to_string())]),
+            remove: Vec::new(),
+        };
+        sim.world.lock().counters.bump("client_writes");
+        let outcome = write(&sim, target, Some(key.clone()), cmd, client_key(c)).await;
+        let mut w = sim.world.lock();
+        match outcome {
+            WriteOutcome::Acked(ack) => {
+                w.counters.bump("client_acks");
+                w.event(format_args!(
+                    "client {c} ack {key} at {} via n{target}",
+                    ack.index
+                ));
+                w.checks.oracle.on_ack(ack);
+            }
+            WriteOutcome::Refused(r) => {
+                w.counters.bump("client_refused");
+                w.event(format_args!("client {c} refused {key}: {r}"));
+            }
+            WriteOutcome::Redirect(leader) => {
+                w.counters.bump("client_redirects");
+                target = leader.unwrap_or_else(|| rng.below(sim.nodes));
+            }
+            WriteOutcome::Unknown => {
+                w.counters.bump("client_unknown");
+                w.event(format_args!("client {c} unknown outcome {key}"));
+                target = rng.below(sim.nodes);
+            }
+        }
+    }
+}
+
+/// The nemesis: injects one fault at a time, each healing on its own after a while.
+async fn nemesis(sim: Arc<Sim>, plan: FaultPlan, mut rng: SimRng) {
+    let n = sim.nodes;
+    let mut kinds = Vec::new();
+    if plan.partitions {
+        kinds.extend(["partition_symmetric", "partition_one_way"]);
+    }
+    if plan.crashes {
+        kinds.extend(["crash", "crash"]);
+    }
+    if plan.clock_skew {
+        kinds.push("clock_skew");
+    }
+    if plan.slow_disks {
+        kinds.push("slow_disk");
+    }
+    if kinds.is_empty() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(Duration::from_millis(
+            rng.range(plan.gap_ms.0, plan.gap_ms.1),
+        ))
+        .await;
+        let kind = kinds[rng.below(kinds.len() as u64) as usize];
+        match kind {
+            "partition_symmetric" | "partition_one_way" => {
+                // Side A: a random non-empty proper subset.
+                let side: BTreeSet<u64> = loop {
+                    let s: BTreeSet<u64> = (0..n).filter(|_| rng.chance(0.5)).collect();
+                    if !s.is_empty() && s.len() < n as usize {
+                        break s;
+                    }
+                };
+                let mut cut = Vec::new();
+                for a in &side {
+                    for b in (0..n).filter(|b| !side.contains(b)) {
+                        cut.push((*a, b));
+                        if kind == "partition_symmetric" {
+                            cut.push((b, *a));
+                        }
+                    }
+                }
+                let heal_after = rng.range(300, 5_000);
+                {
+                    let mut w = sim.world.lock();
+                    w.counters.bump(kind);
+                    w.event(format_args!("nemesis {kind} {side:?} for {heal_after}ms"));
+                    w.blocked.extend(cut.iter().copied());
+                }
+                let s = sim.clone();
+                sim.spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(heal_after)).await;
+                    let mut w = s.world.lock();
+                    for link in &cut {
+                        w.blocked.remove(link);
+                    }
+                    w.event(format_args!("nemesis heal {side:?}"));
+                });
+            }
+            "crash" => {
+                let up: Vec<u64> = sim.up().into_iter().collect();
+                // Keep at least one node up, so the run is not only restarts.
+                if up.len() <= 1 {
+                    continue;
+                }
+                let id = up[rng.below(up.len() as u64) as usize];
+                let down_for = rng.range(plan.downtime_ms.0, plan.downtime_ms.1);
+                sim.crash_node(id, false);
+                let s = sim.clone();
+                sim.spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(down_for)).await;
+                    s.world.lock().counters.bump("restarts");
+                    s.start_node(id).await;
+                });
+            }
+            "clock_skew" => {
+                let id = rng.below(n);
+                let skew = rng.range(0, 60_000) as i64 - 30_000;
+                let mut w = sim.world.lock();
+                w.counters.bump("clock_skew");
+                w.event(format_args!("nemesis n{id} clock skew {skew}ms"));
+                w.clock_offset_ms.insert(id, skew);
+            }
+            _ => {
+                let id = rng.below(n);
+                let slow = (rng.range(1, 20), rng.range(20, 400));
+                let for_ms = rng.range(500, 5_000);
+                {
+                    let mut w = sim.world.lock();
+                    w.counters.bump("slow_disk");
+                    w.event(format_args!(
+                        "nemesis n{id} slow disk {slow:?}ms for {for_ms}ms"
+                    ));
+                    w.slow_disk.insert(id, slow);
+                }
+                let s = sim.clone();
+                sim.spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(for_ms)).await;
+                    s.world.lock().slow_disk.remove(&id);
+                });
+            }
+        }
+    }
+}
+
+fn temp_dir() -> std::io::Result<tempfile::TempDir> {
+    // fsync on tmpfs is cheap; the code path is the same as on a disk.
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(dir) = tempfile::Builder::new()
+            .prefix("blixard-sim-")
+            .tempdir_in(shm)
+        {
+            return Ok(dir);
+        }
+    }
+    tempfile::Builder::new().prefix("blixard-sim-").tempdir()
+}
+
+async fn run(opts: SimOptions) -> Report {
+    let world = Arc::new(World::new(WorldState::new(opts.seed, opts.keep_trace)));
+    let finish = |world: &World, extra: Option<String>| {
+        let mut w = world.lock();
+        if let Some(v) = extra {
+            w.violation(v);
+        }
+        Report {
+            seed: opts.seed,
+            sim_ms: w.now_ms(),
+            trace_hash: w.trace.hash(),
+            events: w.trace.events,
+            counters: w.counters.clone(),
+            violations: w.violations.clone(),
+            acked: w.checks.oracle.acked(),
+            committed: w.checks.committed.len(),
+            terms_with_leader: w.checks.election.terms_with_leader(),
+            trace: w.trace.take_lines(),
+            wall: Duration::ZERO,
+        }
+    };
+    let dir = match temp_dir() {
+        Ok(d) => d,
+        Err(e) => return finish(&world, Some(format!("cannot create a temp dir: {e}"))),
+    };
+    let mut config = blixard_raft::storage::default_config();
+    config.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(opts.snapshot_every);
+    config.max_in_snapshot_log_to_keep = opts.snapshot_every / 5;
+    config.purge_batch_size = 16;
+    let config = match config.validate() {
+        Ok(c) => Arc::new(c),
+        Err(e) => return finish(&world, Some(format!("invalid raft config: {e}"))),
+    };
+    let sim = Arc::new(Sim {
+        world: world.clone(),
+        dir: dir.path().to_owned(),
+        config,
+        bug: opts.bug,
+        nodes: opts.nodes,
+        background: Mutex::new(Vec::new()),
+        handles: Mutex::new(BTreeMap::new()),
+    });
+    let outcome = phases(&sim, &opts).await;
+    // Stop everything before the files go.
+    sim.stop_background();
+    for id in sim.up() {
+        sim.crash_node(id, true);
+    }
+    tokio::task::yield_now().await;
+    let report = finish(&world, outcome.err());
+    drop(sim);
+    drop(dir);
+    report
+}
+
+/// Setup, safety phase, liveness phase. `Err` is a violation that ended the run.
+async fn phases(sim: &Arc<Sim>, opts: &SimOptions) -> Result<(), String> {
+    let n = opts.nodes;
+    for id in 0..n {
+        sim.start_node(id).await;
+    }
+    let members: BTreeMap<u64, RaftNode> = (0..n).map(|id| (id, RaftNode::default())).collect();
+    let raft0 = sim.raft(0).ok_or("n0 did not start")?;
+    raft0
+        .initialize(members)
+        .await
+        .map_err(|e| format!("initialize failed: {e}"))?;
+    drop(raft0);
+
+    // Bootstrap the cluster state under calm conditions.
+    let mut target = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::time::Instant::now() > deadline {
+            return Err("liveness: could not bootstrap within 10s of calm".into());
+        }
+        let cmd = Command::Bootstrap {
+            cluster_id: ClusterId([7; 16]),
+            node: node_key(0),
+            info: NodeInfo::default(),
+        };
+        match write(sim, target, None, cmd, node_key(0)).await {
+            WriteOutcome::Acked(_) | WriteOutcome::Refused(Refusal::AlreadyBootstrapped) => break,
+            WriteOutcome::Redirect(Some(l)) => target = l,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    sim.world.lock().event("bootstrapped");
+
+    // Safety phase.
+    {
+        let mut w = sim.world.lock();
+        w.net = opts.faults.net;
+        w.event("safety phase");
+    }
+    sim.spawn(nemesis(
+        sim.clone(),
+        opts.faults,
+        SimRng::fork(opts.seed, 0x4e454d),
+    ));
+    for c in 0..opts.clients {
+        sim.spawn(client(
+            sim.clone(),
+            c,
+            SimRng::fork(opts.seed, 0xC11E47 + c),
+        ));
+    }
+    let safety_end = tokio::time::Instant::now() + Duration::from_millis(opts.safety_ms);
+    while tokio::time::Instant::now() < safety_end {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        sim.check_logs().await;
+    }
+
+    // Liveness phase: no more faults; everything heals; the cluster must converge.
+    sim.stop_background();
+    {
+        let mut w = sim.world.lock();
+        w.net = NetFaults::CALM;
+        w.blocked.clear();
+        w.slow_disk.clear();
+        w.event("liveness phase: healed");
+    }
+    for id in 0..n {
+        sim.start_node(id).await;
+    }
+    let start = tokio::time::Instant::now();
+    let bound = Duration::from_millis(opts.liveness_ms);
+    let leader = loop {
+        match sim.converged() {
+            Ok(leader) => break leader,
+            Err(why) if start.elapsed() > bound => {
+                return Err(format!(
+                    "liveness: not converged {} after healing: {why}",
+                    crate::fmt_ms(opts.liveness_ms)
+                ))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    sim.world
+        .lock()
+        .event(format_args!("converged, leader n{leader}"));
+
+    // A fresh write must still be accepted and reach everyone.
+    let key = "probe".to_string();
+    let cmd = Command::SetLabels {
+        node: node_key(0),
+        set: BTreeMap::from([(key.clone(), "1".into())]),
+        remove: Vec::new(),
+    };
+    match write(sim, leader, Some(key), cmd, client_key(0)).await {
+        WriteOutcome::Acked(ack) => sim.world.lock().checks.oracle.on_ack(ack),
+        _ => return Err("liveness: the healed cluster did not acknowledge a probe write".into()),
+    }
+    loop {
+        match sim.converged() {
+            Ok(_) => break,
+            Err(why) if start.elapsed() > bound => {
+                return Err(format!(
+                    "liveness: probe write not applied everywhere: {why}"
+                ))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    sim.check_logs().await;
+    let mut w = sim.world.lock();
+    let found = w.checks.oracle.check_committed(&w.checks.committed);
+    for v in found {
+        w.violation(v);
+    }
+    w.event("done");
+    Ok(())
+}
