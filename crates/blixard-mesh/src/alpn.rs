@@ -7,8 +7,11 @@ pub const CLIENT: &[u8] = b"blixard/client/1";
 /// Joining with a ticket: the only protocol open to unknown keys.
 pub const JOIN: &[u8] = b"blixard/join/1";
 
+/// Health and capacity gossip (iroh-gossip's own ALPN, served to members only).
+pub const GOSSIP: &[u8] = iroh_gossip::ALPN;
+
 /// Every protocol a node serves.
-pub const ALL: &[&[u8]] = &[RAFT, CLIENT, JOIN];
+pub const ALL: &[&[u8]] = &[RAFT, CLIENT, JOIN, GOSSIP];
 
 #[cfg(test)]
 mod tests {

@@ -16,6 +16,8 @@ pub struct EndpointOptions {
     pub relay: Option<RelayUrl>,
     /// ALPNs to accept (the `Router` sets them too; a client endpoint accepts none).
     pub alpns: Vec<Vec<u8>>,
+    /// Where components that dial by id alone (gossip) find members' addresses.
+    pub lookup: Option<iroh::address_lookup::MemoryLookup>,
 }
 
 /// Why the endpoint could not be bound.
@@ -34,10 +36,14 @@ pub async fn bind(opts: EndpointOptions) -> Result<Endpoint, BindError> {
         Some(url) => RelayMode::custom([url]),
         None => RelayMode::Disabled,
     };
-    let builder = Endpoint::builder(presets::Minimal)
+    let mut builder = Endpoint::builder(presets::Minimal)
         .secret_key(opts.secret_key)
         .relay_mode(relay_mode)
-        .alpns(opts.alpns)
+        .alpns(opts.alpns);
+    if let Some(lookup) = opts.lookup {
+        builder = builder.address_lookup(lookup);
+    }
+    let builder = builder
         .clear_ip_transports()
         .bind_addr(opts.listen)
         .map_err(|_| BindError::Address(opts.listen))?;

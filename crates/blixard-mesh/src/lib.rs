@@ -13,10 +13,12 @@
 //! remote key; the key comes from the QUIC/TLS handshake, never from a message.
 
 pub mod alpn;
+pub use iroh::address_lookup::MemoryLookup;
 pub mod auth;
 pub mod endpoint;
 pub mod identity;
 pub mod rpc;
+pub mod signed;
 
 pub use iroh::{Endpoint, EndpointAddr, EndpointId, SecretKey};
 

@@ -53,6 +53,7 @@ impl Client {
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             relay: None,
             alpns: vec![],
+            lookup: None,
         })
         .await?;
         let api = Pool::new(endpoint.clone(), alpn::CLIENT);

@@ -19,9 +19,6 @@ use tracing::{info, info_span, Instrument};
 use crate::node::{refused, NodeCtx};
 use crate::now_ms;
 
-/// A member is shown unreachable when the leader has not heard from it for this long.
-const UNREACHABLE_AFTER: Duration = Duration::from_millis(1500);
-
 #[derive(Clone)]
 pub struct ClientService {
     ctx: NodeCtx,
@@ -220,6 +217,13 @@ fn node_status(ctx: &NodeCtx) -> NodeStatus {
         last_applied: applied.last_applied.map(|l| l.index).unwrap_or(0),
         state_digest: digest.to_hex().to_string(),
         members: applied.state.nodes.len() as u32,
+        peers: applied
+            .state
+            .nodes
+            .keys()
+            .filter(|id| **id != ctx.id)
+            .map(|id| (*id, ctx.liveness_of(id).as_str().to_string()))
+            .collect(),
     }
 }
 
@@ -241,12 +245,12 @@ async fn status(ctx: &NodeCtx) -> Result<ClusterStatus, ApiError> {
         .map(|(id, n)| {
             let in_raft = membership.get_node(id).is_some();
             let role = if voters.contains(id) { "voter" } else if in_raft { "learner" } else { "joining" };
-            let reachable =
-                *id == ctx.id || ctx.health.since_last_ok(id).is_some_and(|d| d < UNREACHABLE_AFTER);
+            let live = ctx.liveness_of(id);
+            let reachable = live == crate::liveness::Liveness::Alive;
             let state = if metrics.current_leader == Some(*id) {
                 "leader"
             } else if !reachable {
-                "unreachable"
+                live.as_str()
             } else if voters.contains(id) {
                 "follower"
             } else {

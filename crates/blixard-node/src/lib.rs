@@ -17,7 +17,9 @@ pub mod audit;
 pub mod client;
 pub mod client_api;
 pub mod config;
+pub mod health;
 pub mod join;
+pub mod liveness;
 pub mod metrics;
 pub mod node;
 

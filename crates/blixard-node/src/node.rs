@@ -8,7 +8,7 @@ use std::time::Duration;
 use blixard_mesh::auth::{Authorizer, Gate};
 use blixard_mesh::rpc::Pool;
 use blixard_mesh::{alpn, endpoint, identity};
-use blixard_raft::network::{AddrBook, Network, PeerHealth, RaftService};
+use blixard_raft::network::{AddrBook, Network, RaftService};
 use blixard_raft::storage::SharedState;
 use blixard_raft::{Raft, RaftNode};
 use blixard_types::command::{NodeInfo, Refusal};
@@ -67,7 +67,6 @@ pub struct NodeCtx {
     pub endpoint: Endpoint,
     pub raft: Raft,
     pub state: SharedState,
-    pub health: Arc<PeerHealth>,
     /// Client-API connections to other members (forwarding to the leader).
     pub peers: Pool,
     /// Members named by the join ticket: trusted until this node has applied cluster state.
@@ -75,6 +74,25 @@ pub struct NodeCtx {
     /// Serialises membership changes on this node (openraft allows one at a time).
     pub membership_lock: Arc<tokio::sync::Mutex<()>>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// What gossip says about the other members.
+    pub liveness: Arc<std::sync::Mutex<crate::liveness::Detector>>,
+}
+
+impl NodeCtx {
+    /// Whether `id` is alive as far as this node knows (itself always is).
+    pub fn is_alive(&self, id: &NodeId) -> bool {
+        *id == self.id
+            || self.liveness.lock().unwrap_or_else(|p| p.into_inner()).liveness(id, std::time::Instant::now())
+                == crate::liveness::Liveness::Alive
+    }
+
+    /// `alive`, `suspect`, `dead` or `unknown` (itself: `alive`).
+    pub fn liveness_of(&self, id: &NodeId) -> crate::liveness::Liveness {
+        if *id == self.id {
+            return crate::liveness::Liveness::Alive;
+        }
+        self.liveness.lock().unwrap_or_else(|p| p.into_inner()).liveness(id, std::time::Instant::now())
+    }
 }
 
 impl NodeCtx {
@@ -247,11 +265,13 @@ impl Node {
         }
 
         let listen = cfg.listen.or(local.listen).unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+        let lookup = blixard_mesh::MemoryLookup::new();
         let ep = endpoint::bind(endpoint::EndpointOptions {
-            secret_key: key,
+            secret_key: key.clone(),
             listen,
             relay: cfg.relay.clone(),
             alpns: alpn::ALL.iter().map(|a| a.to_vec()).collect(),
+            lookup: Some(lookup.clone()),
         })
         .await?;
         let addrs = endpoint::dialable_addrs(&ep);
@@ -275,7 +295,6 @@ impl Node {
             })
         };
         let network = Network::new(ep.clone(), book);
-        let health = network.health();
         let config = Arc::new(cfg.raft.clone());
         let raft = Raft::new(id, config, network, log_store, sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
 
@@ -284,11 +303,11 @@ impl Node {
             endpoint: ep.clone(),
             raft: raft.clone(),
             state: state.clone(),
-            health,
             peers: Pool::new(ep.clone(), alpn::CLIENT),
             join_peers: join_peers.clone(),
             membership_lock: Default::default(),
             metrics: Default::default(),
+            liveness: Default::default(),
         };
 
         let members: Authorizer = {
@@ -308,13 +327,18 @@ impl Node {
             let state = state.clone();
             Arc::new(move |key| state.read().unwrap_or_else(|p| p.into_inner()).state.is_client(key))
         };
+        let gossip = iroh_gossip::Gossip::builder().max_message_size(64 * 1024).spawn(ep.clone());
         let router = Router::builder(ep.clone())
+            .accept(alpn::GOSSIP, Gate::new("gossip", members.clone(), gossip.clone()))
             .accept(alpn::RAFT, Gate::new("raft", members, RaftService::new(raft.clone())))
             .accept(alpn::CLIENT, Gate::new("client", clients, ClientService::new(ctx.clone())))
             .accept(alpn::JOIN, JoinService::new(ctx.clone()))
             .spawn();
 
-        let mut tasks = vec![tokio::spawn(crate::metrics::watch_leader(ctx.clone(), ctx.metrics.clone())).abort_handle()];
+        let mut tasks = vec![
+            tokio::spawn(crate::metrics::watch_leader(ctx.clone(), ctx.metrics.clone())).abort_handle(),
+            tokio::spawn(crate::health::run(ctx.clone(), key, gossip, lookup, ctx.liveness.clone())).abort_handle(),
+        ];
         if let Some(addr) = cfg.metrics {
             if let Some(listener) = crate::metrics::bind(addr).await {
                 let bound = listener.local_addr().ok();
@@ -327,6 +351,7 @@ impl Node {
             local.save(&dir.local_state()).map_err(StartError::LocalState)?;
         }
         let node = Node { ctx, router, tasks };
+        let is_join = matches!(cfg.mode, StartMode::Join(_));
         let info = NodeInfo { addrs, resources: with_disk(cfg.resources, dir.path()), labels: cfg.labels.clone() };
         let setup = match cfg.mode {
             StartMode::Init => node.bootstrap(info, &dir).await,
@@ -334,7 +359,13 @@ impl Node {
             StartMode::Resume => node.resume(info, &dir).await,
         };
         if let Err(e) = setup {
+            let joined = node.ctx.cluster_id().is_some();
             node.shutdown().await;
+            if is_join && !joined {
+                // Nothing was joined: leave the data dir as it was, so the next start
+                // (with a new ticket) is a first start again, not a resume of nothing.
+                forget_failed_join(&dir);
+            }
             return Err(e);
         }
         Ok(node)
@@ -399,7 +430,7 @@ impl Node {
         let ctx = &self.ctx;
         let initialized = ctx.raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))?;
         let known = ctx.cluster_id().is_some();
-        if !initialized && !known && ctx.join_peers.read().unwrap_or_else(|p| p.into_inner()).is_empty() {
+        if !initialized && !known {
             return Err(StartError::NotMember(dir.path().display().to_string()));
         }
         // If we restarted on other addresses, tell the cluster (in the background: it
@@ -437,6 +468,20 @@ impl Node {
             warn!(error = %e, "raft shutdown");
         }
         self.ctx.endpoint.close().await;
+    }
+}
+
+/// Removes what a failed first join left behind (the empty raft store, the ticket's
+/// peers), keeping the key: the node stays the same identity for its next attempt.
+fn forget_failed_join(dir: &DataDir) {
+    if let Err(e) = std::fs::remove_file(dir.raft_db()) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!(error = %e, "cannot remove the raft store of the failed join");
+        }
+    }
+    if let Ok(mut local) = LocalState::load(&dir.local_state()) {
+        local.join_peers.clear();
+        let _ = local.save(&dir.local_state());
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod command;
 pub mod frame;
+pub mod gossip;
 pub mod id;
 pub mod rpc;
 pub mod ticket;

@@ -122,6 +122,8 @@ pub struct NodeStatus {
     /// BLAKE3 of the applied cluster state: equal on replicas that applied the same log.
     pub state_digest: String,
     pub members: u32,
+    /// This node's gossip view of every other member: alive, suspect, dead or unknown.
+    pub peers: BTreeMap<NodeId, String>,
 }
 
 #[cfg(test)]

@@ -93,7 +93,11 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("nodes running; logs in {}/*.log; Ctrl-C stops them", dir.display());
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
     Ok(())
 }
 

@@ -22,6 +22,7 @@ async fn stranger() -> iroh::Endpoint {
         listen: "127.0.0.1:0".parse().expect("addr"),
         relay: None,
         alpns: vec![],
+        lookup: None,
     })
     .await
     .expect("bind")
@@ -113,6 +114,11 @@ fn unknown_keys_and_bad_tickets_are_refused() {
     c.cli_ok(&["cluster", "revoke-ticket", made["id"].as_str().expect("id")]);
     let err = c.spawn(&c.node_dir(8), &["--join", made["ticket"].as_str().expect("ticket")]).expect_err("revoked");
     assert!(err.contains("revoked"), "{err}");
+    // The failed join left nothing to resume: a plain restart says so; a valid ticket works.
+    let err = c.spawn(&c.node_dir(8), &[]).expect_err("nothing to resume");
+    assert!(err.contains("holds no cluster yet"), "{err}");
+    let fresh = c.ticket("voter", "10m");
+    c.spawn(&c.node_dir(8), &["--join", &fresh]).expect("join after a failed join");
 
     // Secrets never appear in logs: no ticket string, no part of it.
     for n in c.nodes.iter().chain(other.nodes.iter()) {

@@ -225,3 +225,20 @@ pub fn count_role(status: &Value, role: &str) -> usize {
 pub fn leader(status: &Value) -> Option<String> {
     status["leader"].as_str().map(str::to_string)
 }
+
+/// Init one node, join two by ticket: 3 voters, one leader, healthy.
+pub fn three_nodes() -> Cluster {
+    let mut c = Cluster::new();
+    c.init();
+    let t = c.ticket("voter", "10m");
+    c.join(1, &t).expect("join 1");
+    c.join(2, &t).expect("join 2");
+    wait_for("3 healthy voters", Duration::from_secs(20), || {
+        let s = c.status().ok()?;
+        let healthy = members(&s).iter().filter(|m| m["healthy"] == true).count();
+        (count_role(&s, "voter") == 3 && healthy == 3 && leader(&s).is_some()).then_some(())
+    });
+    c.refresh_client_ticket();
+    c
+}
+

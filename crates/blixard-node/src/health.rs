@@ -1,0 +1,145 @@
+//! Gossip: every node broadcasts a signed health report on the cluster's topic and feeds
+//! what it hears into its failure detector. Reports from keys that are not members are
+//! dropped, so are stale and replayed ones.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use blixard_mesh::{signed, MemoryLookup};
+use blixard_types::gossip::{GossipMessage, NodeHealth};
+use blixard_types::vm::VmState;
+use blixard_types::NodeId;
+use iroh::SecretKey;
+use iroh_gossip::api::Event;
+use iroh_gossip::{Gossip, TopicId};
+use n0_future::StreamExt;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::liveness::{Detector, INTERVAL};
+use crate::node::NodeCtx;
+use crate::now_ms;
+
+/// The topic of a cluster: a hash of its id, so clusters never share one.
+pub fn topic(cluster: &blixard_types::ClusterId) -> TopicId {
+    let mut h = blake3::Hasher::new();
+    h.update(b"blixard/gossip/1");
+    h.update(&cluster.0);
+    TopicId::from_bytes(*h.finalize().as_bytes())
+}
+
+/// This node's report, from the applied state.
+fn own_report(ctx: &NodeCtx, seq: u64) -> NodeHealth {
+    let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
+    let cap = st.state.nodes.get(&ctx.id).map(|n| n.resources).unwrap_or_default();
+    let used = st.state.usage.get(&ctx.id).map(|u| u.used).unwrap_or_default();
+    let vms_running = st
+        .state
+        .vms
+        .iter()
+        .filter(|(_, v)| v.node == Some(ctx.id) && v.state == VmState::Running)
+        .map(|(n, _)| n.clone())
+        .collect();
+    NodeHealth {
+        seq,
+        free: blixard_types::command::Resources {
+            cpus: cap.cpus.saturating_sub(used.cpus),
+            memory_mib: cap.memory_mib.saturating_sub(used.memory_mib),
+            disk_gib: cap.disk_gib.saturating_sub(used.disk_gib),
+        },
+        vms_running,
+        images: Vec::new(),
+    }
+}
+
+/// Members other than this node, with their addresses registered for dialling by id.
+fn members(ctx: &NodeCtx, lookup: &MemoryLookup) -> BTreeSet<NodeId> {
+    let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
+    st.state
+        .nodes
+        .iter()
+        .filter(|(id, _)| **id != ctx.id)
+        .map(|(id, n)| {
+            if let Some(addr) = blixard_mesh::endpoint_addr(id, &n.addrs) {
+                lookup.add_endpoint_info(addr);
+            }
+            *id
+        })
+        .collect()
+}
+
+/// Runs gossip for this node until the gossip actor stops.
+pub async fn run(ctx: NodeCtx, key: SecretKey, gossip: Gossip, lookup: MemoryLookup, detector: Arc<Mutex<Detector>>) {
+    let span = tracing::info_span!("gossip");
+    async move {
+        // Wait until this node knows its cluster (a joiner catches up first).
+        let mut tick = tokio::time::interval(INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cluster = loop {
+            if let Some(c) = ctx.cluster_id() {
+                break c;
+            }
+            tick.tick().await;
+        };
+        let mut known = members(&ctx, &lookup);
+        let topic = match gossip.subscribe(topic(&cluster), known.iter().filter_map(blixard_mesh::endpoint_id).collect()).await {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "cannot join the gossip topic");
+                return;
+            }
+        };
+        let (tx, mut rx) = topic.split();
+        info!(peers = known.len(), "gossip started");
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let now_members = members(&ctx, &lookup);
+                    let new: Vec<_> = now_members.difference(&known).filter_map(blixard_mesh::endpoint_id).collect();
+                    if !new.is_empty() {
+                        let _ = tx.join_peers(new).await;
+                    }
+                    for gone in known.difference(&now_members) {
+                        detector.lock().unwrap_or_else(|p| p.into_inner()).forget(gone);
+                    }
+                    known = now_members;
+                    seq = now_ms().max(seq + 1);
+                    let body = postcard::to_stdvec(&GossipMessage::Health(own_report(&ctx, seq))).unwrap_or_default();
+                    if let Err(e) = tx.broadcast(signed::sign(&key, body).into()).await {
+                        debug!(error = %e, "broadcast failed");
+                    }
+                }
+                ev = rx.next() => match ev {
+                    Some(Ok(Event::Received(msg))) => accept(&ctx, &detector, &msg.content),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => debug!(error = %e, "gossip receive error"),
+                    None => return,
+                },
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Verifies and records one received report.
+fn accept(ctx: &NodeCtx, detector: &Mutex<Detector>, bytes: &[u8]) {
+    let (from, body) = match signed::verify(bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            debug!(error = %e, "dropped gossip with a bad envelope");
+            return;
+        }
+    };
+    if from == ctx.id || !ctx.state.read().unwrap_or_else(|p| p.into_inner()).state.is_member(&from) {
+        debug!(from = %from.short(), "dropped gossip from a non-member");
+        return;
+    }
+    match postcard::from_bytes::<GossipMessage>(&body) {
+        Ok(GossipMessage::Health(h)) => {
+            detector.lock().unwrap_or_else(|p| p.into_inner()).observe(from, h, Instant::now());
+        }
+        Err(e) => debug!(from = %from.short(), error = %e, "dropped malformed gossip"),
+    }
+}

@@ -1,0 +1,39 @@
+//! What nodes gossip about themselves. Carried inside a signed envelope
+//! (`blixard_mesh::signed`); the author is the envelope's signer.
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::Resources;
+
+/// A node's periodic report about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHealth {
+    /// Strictly increasing per author (its wall clock in ms, bumped if needed): older or
+    /// replayed reports are dropped.
+    pub seq: u64,
+    /// Capacity not used by VMs running there.
+    pub free: Resources,
+    /// VMs running on the node.
+    pub vms_running: Vec<String>,
+    /// Images the node holds, complete and verified.
+    pub images: Vec<String>,
+}
+
+/// The versioned wire form.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GossipMessage {
+    Health(NodeHealth),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = postcard::from_bytes::<GossipMessage>(&bytes);
+        }
+    }
+}
