@@ -342,10 +342,12 @@ impl ClusterState {
                     return Err(Refusal::VmDeleting(name.clone()));
                 }
                 vm.desired = *desired;
-                // Starting a failed VM again clears its failure.
+                // Starting a failed VM again clears its failure and starts a fresh streak.
                 if *desired == Desired::Running && vm.state == VmState::Failed {
                     vm.error = None;
                     vm.restarts = 0;
+                    vm.state = VmState::Pending;
+                    vm.since_ms = at;
                 }
             }
             Command::RebootVm { name } => {
