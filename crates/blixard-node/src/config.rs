@@ -34,6 +34,8 @@ pub struct NodeConfig {
     pub raft: openraft::Config,
     /// Where to serve Prometheus metrics (`None`: not at all).
     pub metrics: Option<SocketAddr>,
+    /// How long a node may be dead before its VMs are placed elsewhere.
+    pub placement_grace: std::time::Duration,
 }
 
 impl NodeConfig {
@@ -47,6 +49,7 @@ impl NodeConfig {
             labels: BTreeMap::new(),
             raft: blixard_raft::storage::default_config(),
             metrics: None,
+            placement_grace: crate::placer::GRACE,
         }
     }
 }

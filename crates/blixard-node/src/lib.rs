@@ -22,6 +22,7 @@ pub mod join;
 pub mod liveness;
 pub mod metrics;
 pub mod node;
+pub mod placer;
 
 pub use config::{NodeConfig, StartMode};
 pub use node::{Node, StartError};

@@ -76,6 +76,8 @@ pub struct NodeCtx {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// What gossip says about the other members.
     pub liveness: Arc<std::sync::Mutex<crate::liveness::Detector>>,
+    /// How long a node may be dead before its VMs are placed elsewhere.
+    pub placement_grace: Duration,
 }
 
 impl NodeCtx {
@@ -308,6 +310,7 @@ impl Node {
             membership_lock: Default::default(),
             metrics: Default::default(),
             liveness: Default::default(),
+            placement_grace: cfg.placement_grace,
         };
 
         let members: Authorizer = {
@@ -338,6 +341,7 @@ impl Node {
         let mut tasks = vec![
             tokio::spawn(crate::metrics::watch_leader(ctx.clone(), ctx.metrics.clone())).abort_handle(),
             tokio::spawn(crate::health::run(ctx.clone(), key, gossip, lookup, ctx.liveness.clone())).abort_handle(),
+            tokio::spawn(crate::placer::run(ctx.clone())).abort_handle(),
         ];
         if let Some(addr) = cfg.metrics {
             if let Some(listener) = crate::metrics::bind(addr).await {

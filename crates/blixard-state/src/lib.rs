@@ -334,6 +334,7 @@ impl ClusterState {
                 let vm = self.vm_mut(name)?;
                 vm.node = Some(*node);
                 vm.state = VmState::Pending;
+                vm.error = None;
                 vm.since_ms = at;
             }
             Command::SetDesired { name, desired } => {
@@ -379,6 +380,10 @@ impl ClusterState {
                 } else {
                     apply_report(vm, report, at);
                 }
+            }
+            Command::PlacementFailed { name, reason } => {
+                let vm = self.vm_mut(name)?;
+                vm.error = Some(format!("cannot place: {reason}"));
             }
             Command::SetDrain { node, drain } => {
                 if !self.nodes.contains_key(node) {

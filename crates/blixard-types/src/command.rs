@@ -72,6 +72,8 @@ pub enum Command {
     ReportVm { name: String, report: VmReport },
     /// A drained node takes no new VMs.
     SetDrain { node: NodeId, drain: bool },
+    /// The leader could not place a VM: why (shown until it is placed).
+    PlacementFailed { name: String, reason: String },
 }
 
 impl Command {
@@ -93,6 +95,7 @@ impl Command {
             Command::DeleteVm { .. } => "delete-vm",
             Command::ReportVm { .. } => "report-vm",
             Command::SetDrain { .. } => "set-drain",
+            Command::PlacementFailed { .. } => "placement-failed",
         }
     }
 }

@@ -1,0 +1,104 @@
+//! Placement, on the leader: every VM without a node (new, or its node was removed, or
+//! dead past the grace period) is placed by the scheduler on a live node, and the
+//! placement recorded in Raft. The node a VM left stops it when it comes back (its
+//! reconciler sees the VM is no longer placed there).
+
+use std::time::Duration;
+
+use blixard_scheduler::place;
+use blixard_types::{Command, CommandResult, NodeId};
+use tracing::{info, warn, Instrument};
+
+use crate::node::NodeCtx;
+
+/// How long a node may be dead (after it is declared dead) before its VMs are placed
+/// elsewhere, by default.
+pub const GRACE: Duration = Duration::from_secs(10);
+/// Most placements proposed per round (a round is at most every `TICK`).
+const PER_ROUND: usize = 256;
+const TICK: Duration = Duration::from_millis(500);
+
+/// Places VMs while this node is the leader; runs until the node stops.
+pub async fn run(ctx: NodeCtx) {
+    let mut metrics = ctx.raft.metrics();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if metrics.borrow_and_update().current_leader != Some(ctx.id) {
+            continue;
+        }
+        round(&ctx).instrument(tracing::info_span!("placement")).await;
+    }
+}
+
+/// Whether the VMs on `node` must move: it is dead (per gossip) for longer than the grace
+/// period ([`GRACE`] by default).
+fn lost(ctx: &NodeCtx, node: &NodeId) -> bool {
+    if *node == ctx.id {
+        return false;
+    }
+    let d = ctx.liveness.lock().unwrap_or_else(|p| p.into_inner());
+    d.silent_for(node, std::time::Instant::now()).is_some_and(|s| s >= crate::liveness::DEAD_AFTER + ctx.placement_grace)
+}
+
+/// One placement round. Returns how many VMs were placed.
+pub async fn round(ctx: &NodeCtx) -> usize {
+    let (mut views, todo, policy, salt) = {
+        let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
+        let views = st.state.node_views(|id| ctx.is_alive(id));
+        let todo: Vec<_> = st
+            .state
+            .vms
+            .iter()
+            .filter(|(_, v)| !v.deleting)
+            .filter(|(_, v)| match v.node {
+                None => true,
+                Some(n) => !st.state.nodes.contains_key(&n) || lost(ctx, &n),
+            })
+            .take(PER_ROUND)
+            .map(|(name, v)| (name.clone(), v.spec.clone(), v.error.clone(), v.node))
+            .collect();
+        let salt = st.last_applied.as_ref().map(|l| l.index).unwrap_or(0);
+        (views, todo, st.state.policy.clone(), salt)
+    };
+    let mut placed = 0;
+    for (i, (name, spec, error, from)) in todo.into_iter().enumerate() {
+        // A VM leaving a lost node must not be placed back on it.
+        if let Some(from) = from {
+            if let Some(v) = views.iter_mut().find(|v| v.id == from) {
+                v.schedulable = false;
+            }
+        }
+        match place(&views, &spec, &policy, salt.wrapping_add(i as u64)) {
+            Ok(node) => match ctx.propose(ctx.id, Command::PlaceVm { name: name.clone(), node }).await {
+                Ok(CommandResult::Ok) => {
+                    info!(vm = %name, node = %node.short(), moved_from = ?from.map(|f| f.short()), "placed");
+                    placed += 1;
+                    // Count it at once, so this round does not overfill the node.
+                    if let Some(v) = views.iter_mut().find(|v| v.id == node) {
+                        v.used.cpus += spec.vcpus;
+                        v.used.memory_mib += spec.memory_mib;
+                        v.used.disk_gib += spec.disk_gib;
+                        v.images.insert(spec.image.clone());
+                        if let Some(g) = &spec.anti_affinity {
+                            v.groups.insert(g.clone());
+                        }
+                    }
+                }
+                Ok(CommandResult::Refused(r)) => warn!(vm = %name, reason = %r, "placement refused"),
+                Err(e) => {
+                    warn!(vm = %name, error = %e, "placement not recorded");
+                    return placed;
+                }
+            },
+            Err(unschedulable) => {
+                let reason = unschedulable.to_string();
+                if error.as_deref() != Some(format!("cannot place: {reason}").as_str()) {
+                    let _ = ctx.propose(ctx.id, Command::PlacementFailed { name: name.clone(), reason }).await;
+                }
+            }
+        }
+    }
+    placed
+}
