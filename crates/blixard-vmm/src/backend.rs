@@ -174,7 +174,11 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
     /// Launch the VM; returns once the hypervisor's control socket answers.
     fn start<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<VmStatus, VmError>>;
     /// Stop: graceful (ACPI power button / `microvm-shutdown`) with a timeout, then kill.
-    fn stop<'a>(&'a self, name: &'a str, opts: StopOptions) -> BoxFuture<'a, Result<VmStatus, VmError>>;
+    fn stop<'a>(
+        &'a self,
+        name: &'a str,
+        opts: StopOptions,
+    ) -> BoxFuture<'a, Result<VmStatus, VmError>>;
     /// Pause the vcpus.
     fn pause<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<VmStatus, VmError>>;
     /// Resume the vcpus.

@@ -50,8 +50,12 @@ pub struct Console {
 impl Console {
     /// Open (or continue) the log in `dir`.
     pub fn open(dir: &Path, max_file_bytes: u64) -> Console {
-        let cur = std::fs::metadata(dir.join("console.log")).map(|m| m.len()).unwrap_or(0);
-        let old = std::fs::metadata(dir.join("console.log.1")).ok().map(|m| m.len());
+        let cur = std::fs::metadata(dir.join("console.log"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let old = std::fs::metadata(dir.join("console.log.1"))
+            .ok()
+            .map(|m| m.len());
         let base = old.unwrap_or(0);
         let total = base + cur;
         let (total_tx, _) = watch::channel(total);
@@ -238,15 +242,22 @@ mod tests {
             c.append(line).await.expect("append");
         }
         assert_eq!(c.total(), 6400);
-        let cur = std::fs::metadata(dir.path().join("console.log")).expect("cur").len();
-        let old = std::fs::metadata(dir.path().join("console.log.1")).expect("old").len();
+        let cur = std::fs::metadata(dir.path().join("console.log"))
+            .expect("cur")
+            .len();
+        let old = std::fs::metadata(dir.path().join("console.log.1"))
+            .expect("old")
+            .len();
         assert!(cur <= 1024 && old <= 1024, "{cur} {old}");
         // Reading from 0 skips what was rotated away.
         let chunk = c.read(0, 100_000).await.expect("read");
         assert_eq!(chunk.skipped, chunk.start);
         assert_eq!(chunk.next, 6400);
         assert_eq!(chunk.data.len() as u64, cur + old);
-        assert!(chunk.data.starts_with(b"0123"), "rotation keeps line boundaries here");
+        assert!(
+            chunk.data.starts_with(b"0123"),
+            "rotation keeps line boundaries here"
+        );
         // Follow from the end.
         let end = c.read(6400, 10).await.expect("read");
         assert!(end.data.is_empty());
@@ -257,7 +268,10 @@ mod tests {
         assert!(!c.contains_since(6420, "READY").await);
         // Reopening continues the offsets (approximately: what is on disk).
         let c2 = Console::open(dir.path(), 1024);
-        assert_eq!(c2.read(0, 100_000).await.expect("read").next, cur + old + 20);
+        assert_eq!(
+            c2.read(0, 100_000).await.expect("read").next,
+            cur + old + 20
+        );
     }
 
     #[tokio::test]

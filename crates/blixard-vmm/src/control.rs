@@ -109,11 +109,17 @@ impl Control {
             }
             Hypervisor::CloudHypervisor => {
                 let r = self.http("GET", "/api/v1/vm.info", None).await?;
-                Ok(parse_state(&r.body, &[("Running", RunState::Running), ("Paused", RunState::Paused)]))
+                Ok(parse_state(
+                    &r.body,
+                    &[("Running", RunState::Running), ("Paused", RunState::Paused)],
+                ))
             }
             Hypervisor::Firecracker => {
                 let r = self.http("GET", "/", None).await?;
-                Ok(parse_state(&r.body, &[("Running", RunState::Running), ("Paused", RunState::Paused)]))
+                Ok(parse_state(
+                    &r.body,
+                    &[("Running", RunState::Running), ("Paused", RunState::Paused)],
+                ))
             }
             Hypervisor::Other => self.unsupported("status"),
         }
@@ -137,8 +143,12 @@ impl Control {
     /// Whether the control socket answers (used to wait for readiness after launch).
     pub async fn ping(&self) -> Result<(), ControlError> {
         match self.hypervisor {
-            Hypervisor::Qemu => QmpClient::connect(&self.socket, CONTROL_TIMEOUT).await.map(drop),
-            Hypervisor::CloudHypervisor => self.http("GET", "/api/v1/vmm.ping", None).await.map(drop),
+            Hypervisor::Qemu => QmpClient::connect(&self.socket, CONTROL_TIMEOUT)
+                .await
+                .map(drop),
+            Hypervisor::CloudHypervisor => {
+                self.http("GET", "/api/v1/vmm.ping", None).await.map(drop)
+            }
             Hypervisor::Firecracker => self.http("GET", "/", None).await.map(drop),
             Hypervisor::Other => Ok(()),
         }
@@ -177,7 +187,9 @@ impl Control {
     }
 
     async fn ch_put(&self, action: &str) -> Result<(), ControlError> {
-        self.http("PUT", &format!("/api/v1/{action}"), None).await.map(drop)
+        self.http("PUT", &format!("/api/v1/{action}"), None)
+            .await
+            .map(drop)
     }
 
     async fn fc_vm_state(&self, state: &str) -> Result<(), ControlError> {
@@ -190,7 +202,12 @@ impl Control {
         self.http("PUT", "/actions", Some(&body)).await.map(drop)
     }
 
-    async fn http(&self, method: &str, path: &str, body: Option<&str>) -> Result<HttpResponse, ControlError> {
+    async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<HttpResponse, ControlError> {
         unix_http(&self.socket, method, path, body).await
     }
 }
@@ -212,22 +229,33 @@ pub async fn unix_http(
             path: socket.to_path_buf(),
             source,
         })?;
-    let resp = http::request(&mut s, method, "localhost", path, body, false, CONTROL_TIMEOUT)
-        .await
-        .map_err(|e| match e {
-            HttpError::Io(e) => ControlError::Io(e),
-            HttpError::Parse(e) => ControlError::Protocol(e.to_string()),
-            HttpError::Timeout(after) => ControlError::Timeout {
-                what: format!("{method} {path}"),
-                after,
-            },
-        })?;
+    let resp = http::request(
+        &mut s,
+        method,
+        "localhost",
+        path,
+        body,
+        false,
+        CONTROL_TIMEOUT,
+    )
+    .await
+    .map_err(|e| match e {
+        HttpError::Io(e) => ControlError::Io(e),
+        HttpError::Parse(e) => ControlError::Protocol(e.to_string()),
+        HttpError::Timeout(after) => ControlError::Timeout {
+            what: format!("{method} {path}"),
+            after,
+        },
+    })?;
     if !(200..300).contains(&resp.status) {
         return Err(ControlError::Http {
             method: method.to_string(),
             path: path.to_string(),
             status: resp.status,
-            body: String::from_utf8_lossy(&resp.body).chars().take(300).collect(),
+            body: String::from_utf8_lossy(&resp.body)
+                .chars()
+                .take(300)
+                .collect(),
         });
     }
     Ok(resp)
@@ -296,7 +324,8 @@ mod tests {
     }
 
     fn no_content() -> String {
-        "HTTP/1.1 204 No Content\r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n\r\n".to_string()
+        "HTTP/1.1 204 No Content\r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n\r\n"
+            .to_string()
     }
 
     fn json(status: &str, body: &str) -> String {
@@ -310,11 +339,21 @@ mod tests {
     async fn cloud_hypervisor_requests() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("ch.sock");
-        let info = json("200 OK", r#"{"config":{"cpus":{"boot_vcpus":1}},"state":"Paused","memory_actual_size":268435456}"#);
+        let info = json(
+            "200 OK",
+            r#"{"config":{"cpus":{"boot_vcpus":1}},"state":"Paused","memory_actual_size":268435456}"#,
+        );
         let server = fake_server(
             &sock,
-            vec![no_content(), no_content(), no_content(), no_content(), no_content(), info,
-                 json("500 Internal Server Error", r#"{"error":"VmNotBooted"}"#)],
+            vec![
+                no_content(),
+                no_content(),
+                no_content(),
+                no_content(),
+                no_content(),
+                info,
+                json("500 Internal Server Error", r#"{"error":"VmNotBooted"}"#),
+            ],
         );
         let c = Control {
             hypervisor: Hypervisor::CloudHypervisor,
@@ -327,9 +366,15 @@ mod tests {
         c.quit().await.expect("vmm.shutdown");
         assert_eq!(c.run_state().await.expect("info"), RunState::Paused);
         let err = c.pause().await.expect_err("500");
-        assert!(matches!(err, ControlError::Http { status: 500, .. }), "{err}");
+        assert!(
+            matches!(err, ControlError::Http { status: 500, .. }),
+            "{err}"
+        );
         let seen = server.await.expect("server");
-        let lines: Vec<&str> = seen.iter().map(|r| r.lines().next().unwrap_or("")).collect();
+        let lines: Vec<&str> = seen
+            .iter()
+            .map(|r| r.lines().next().unwrap_or(""))
+            .collect();
         assert_eq!(
             lines,
             vec![
@@ -350,9 +395,18 @@ mod tests {
     async fn firecracker_requests() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("fc.sock");
-        let info = json("200 ", r#"{"id":"anonymous-instance","state":"Running","vmm_version":"1.7.0","app_name":"Firecracker"}"#);
-        let bad = json("400 ", r#"{"fault_message":"The requested operation is not supported in the current VM state."}"#);
-        let server = fake_server(&sock, vec![no_content(), no_content(), no_content(), info, bad]);
+        let info = json(
+            "200 ",
+            r#"{"id":"anonymous-instance","state":"Running","vmm_version":"1.7.0","app_name":"Firecracker"}"#,
+        );
+        let bad = json(
+            "400 ",
+            r#"{"fault_message":"The requested operation is not supported in the current VM state."}"#,
+        );
+        let server = fake_server(
+            &sock,
+            vec![no_content(), no_content(), no_content(), info, bad],
+        );
         let c = Control {
             hypervisor: Hypervisor::Firecracker,
             socket: sock.clone(),
@@ -362,11 +416,18 @@ mod tests {
         c.powerdown().await.expect("ctrl-alt-del");
         assert_eq!(c.run_state().await.expect("info"), RunState::Running);
         let err = c.pause().await.expect_err("400");
-        assert!(matches!(err, ControlError::Http { status: 400, .. }), "{err}");
+        assert!(
+            matches!(err, ControlError::Http { status: 400, .. }),
+            "{err}"
+        );
         assert!(c.quit().await.is_err(), "firecracker has no quit");
         let seen = server.await.expect("server");
         assert!(seen[0].starts_with("PATCH /vm HTTP/1.1\r\n"));
-        assert!(seen[0].ends_with("\r\n\r\n{\"state\":\"Paused\"}"), "{}", seen[0]);
+        assert!(
+            seen[0].ends_with("\r\n\r\n{\"state\":\"Paused\"}"),
+            "{}",
+            seen[0]
+        );
         assert!(seen[0].contains("Content-Type: application/json\r\n"));
         assert!(seen[0].contains("Content-Length: 18\r\n"));
         assert!(seen[1].ends_with("{\"state\":\"Resumed\"}"));
@@ -386,6 +447,9 @@ mod tests {
             hypervisor: Hypervisor::Other,
             socket: "/x".into(),
         };
-        assert!(matches!(o.pause().await, Err(ControlError::Unsupported { .. })));
+        assert!(matches!(
+            o.pause().await,
+            Err(ControlError::Unsupported { .. })
+        ));
     }
 }

@@ -195,7 +195,10 @@ pub(crate) fn describe_exit(status: &std::io::Result<ExitStatus>) -> (bool, Stri
 
 /// SIGKILL a process group (our children are their own group leaders). Ignores ESRCH.
 pub(crate) fn kill_group(pid: u32) {
-    if let Some(p) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+    if let Some(p) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
         let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
     }
 }
@@ -257,7 +260,8 @@ impl<L: Launcher> Engine<L> {
                 if process_belongs_to(pid, &dir).await {
                     warn!(vm = %rec.spec.name, pid, "stopping hypervisor orphaned by a previous node process");
                     kill_group(pid);
-                    rt.last_error = Some("hypervisor left by a previous node process was killed".into());
+                    rt.last_error =
+                        Some("hypervisor left by a previous node process was killed".into());
                 }
                 rt.state = VmState::Stopped;
             }
@@ -266,7 +270,9 @@ impl<L: Launcher> Engine<L> {
             if let Ok(taps) = inner.launcher.taps(&rec.spec, &rec.own_tap) {
                 for (t, _) in taps {
                     if net::link_exists(&t).await {
-                        inner.remove_tap(&t, leases.get(&rec.spec.name).copied()).await;
+                        inner
+                            .remove_tap(&t, leases.get(&rec.spec.name).copied())
+                            .await;
                     }
                 }
             }
@@ -358,7 +364,12 @@ impl<L: Launcher> Engine<L> {
         vms.iter().map(|vm| self.inner.status_of(vm)).collect()
     }
 
-    pub(crate) async fn console_log(&self, name: &str, offset: u64, max: usize) -> Result<ConsoleChunk, VmError> {
+    pub(crate) async fn console_log(
+        &self,
+        name: &str,
+        offset: u64,
+        max: usize,
+    ) -> Result<ConsoleChunk, VmError> {
         let vm = self.inner.get(name)?;
         vm.console
             .read(offset, max.min(4 << 20))
@@ -471,16 +482,25 @@ impl<L: Launcher> Inner<L> {
     }
 
     fn get(&self, name: &str) -> Result<Arc<Vm>, VmError> {
-        self.map().get(name).cloned().ok_or_else(|| VmError::NotFound {
-            name: name.chars().take(80).collect(),
-        })
+        self.map()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VmError::NotFound {
+                name: name.chars().take(80).collect(),
+            })
     }
 
     fn vm_dir(&self, name: &str) -> PathBuf {
         self.cfg.data_dir.join("vms").join(name)
     }
 
-    fn make_vm(&self, spec: VmSpec, own_tap: String, leases: &BTreeMap<String, std::net::Ipv4Addr>, rt: Rt) -> Arc<Vm> {
+    fn make_vm(
+        &self,
+        spec: VmSpec,
+        own_tap: String,
+        leases: &BTreeMap<String, std::net::Ipv4Addr>,
+        rt: Rt,
+    ) -> Arc<Vm> {
         let dir = self.vm_dir(&spec.name);
         let net = match (&self.net, &spec.network) {
             (Some(n), Some(req)) => leases.get(&spec.name).map(|ip| NetInfo {
@@ -552,8 +572,13 @@ impl<L: Launcher> Inner<L> {
         let sock_len = dir.join("control.sock").as_os_str().len();
         if sock_len > MAX_SOCKET_PATH {
             return Err(VmError::io(
-                format!("control socket path in {} is {sock_len} bytes", dir.display()),
-                std::io::Error::other("longer than the 107 bytes a unix socket path may have; use a shorter data dir"),
+                format!(
+                    "control socket path in {} is {sock_len} bytes",
+                    dir.display()
+                ),
+                std::io::Error::other(
+                    "longer than the 107 bytes a unix socket path may have; use a shorter data dir",
+                ),
             ));
         }
         let own_tap = format!(
@@ -637,7 +662,10 @@ impl<L: Launcher> Inner<L> {
         let t0 = Instant::now();
         let mut created_taps: Vec<String> = Vec::new();
         let mut spawned = false;
-        let result = self.clone().launch(&vm, &mut created_taps, &mut spawned).await;
+        let result = self
+            .clone()
+            .launch(&vm, &mut created_taps, &mut spawned)
+            .await;
         match result {
             Ok(()) => {
                 let st = self.status_of(&vm);
@@ -655,7 +683,9 @@ impl<L: Launcher> Inner<L> {
                         kill_group(pid);
                     }
                     let mut rx = vm.exits.subscribe();
-                    let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|g| *g != gen0)).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|g| *g != gen0))
+                            .await;
                 } else {
                     for t in &created_taps {
                         self.remove_tap(t, vm.net.as_ref().map(|n| n.ip)).await;
@@ -677,7 +707,12 @@ impl<L: Launcher> Inner<L> {
         }
     }
 
-    async fn launch(self: Arc<Self>, vm: &Arc<Vm>, created_taps: &mut Vec<String>, spawned: &mut bool) -> Result<(), VmError> {
+    async fn launch(
+        self: Arc<Self>,
+        vm: &Arc<Vm>,
+        created_taps: &mut Vec<String>,
+        spawned: &mut bool,
+    ) -> Result<(), VmError> {
         // Taps first: the hypervisor opens them by name.
         for (tap, flags) in self.launcher.taps(&vm.spec, &vm.own_tap)? {
             if net::link_exists(&tap).await {
@@ -793,10 +828,15 @@ impl<L: Launcher> Inner<L> {
             }
             let mut candidates: Vec<Control> = plan.control.iter().cloned().collect();
             if plan.discover_socket {
-                candidates.extend(find_sockets(&vm.dir).await.into_iter().map(|socket| Control {
-                    hypervisor: plan.hypervisor,
-                    socket,
-                }));
+                candidates.extend(
+                    find_sockets(&vm.dir)
+                        .await
+                        .into_iter()
+                        .map(|socket| Control {
+                            hypervisor: plan.hypervisor,
+                            socket,
+                        }),
+                );
             }
             let mut ready = None;
             for c in candidates {
@@ -839,7 +879,13 @@ impl<L: Launcher> Inner<L> {
         Ok(())
     }
 
-    async fn supervise(self: Arc<Self>, vm: Arc<Vm>, mut child: Child, pumps: Vec<JoinHandle<()>>, pid: u32) {
+    async fn supervise(
+        self: Arc<Self>,
+        vm: Arc<Vm>,
+        mut child: Child,
+        pumps: Vec<JoinHandle<()>>,
+        pid: u32,
+    ) {
         let status = child.wait().await;
         // Anything the runner left in its process group goes too.
         kill_group(pid);
@@ -901,7 +947,13 @@ impl<L: Launcher> Inner<L> {
             let prev = rt.state;
             rt.stopping = true;
             rt.state = VmState::Stopping;
-            (prev, rt.pid, rt.control.clone(), rt.shutdown_program.clone(), rt.env.clone())
+            (
+                prev,
+                rt.pid,
+                rt.control.clone(),
+                rt.shutdown_program.clone(),
+                rt.env.clone(),
+            )
         };
         let gen0 = *vm.exits.borrow();
         let mut rx = vm.exits.subscribe();
@@ -951,10 +1003,15 @@ impl<L: Launcher> Inner<L> {
                             warn!(vm = %vm.name, "graceful shutdown request failed: {e}");
                         }
                     }
-                    None => warn!(vm = %vm.name, "no control socket and no microvm-shutdown: killing"),
+                    None => {
+                        warn!(vm = %vm.name, "no control socket and no microvm-shutdown: killing")
+                    }
                 }
             }
-            if tokio::time::timeout_at(deadline, rx.wait_for(|g| *g != gen0)).await.is_ok() {
+            if tokio::time::timeout_at(deadline, rx.wait_for(|g| *g != gen0))
+                .await
+                .is_ok()
+            {
                 kind = StopKind::Graceful;
             } else {
                 info!(vm = %vm.name, timeout = ?opts.timeout, "guest did not shut down in time: killing the hypervisor");
@@ -1011,7 +1068,11 @@ impl<L: Launcher> Inner<L> {
                 op,
             },
         })?;
-        let r = if pause { c.pause().await } else { c.resume().await };
+        let r = if pause {
+            c.pause().await
+        } else {
+            c.resume().await
+        };
         r.map_err(|source| VmError::Control {
             name: name.to_string(),
             source,
@@ -1033,7 +1094,11 @@ impl<L: Launcher> Inner<L> {
                 name: name.to_string(),
                 op: "reboot",
                 state,
-                hint: if state == VmState::Paused { "; resume it first" } else { "; start it instead" },
+                hint: if state == VmState::Paused {
+                    "; resume it first"
+                } else {
+                    "; start it instead"
+                },
             });
         }
         let c = control.ok_or_else(|| VmError::Control {
@@ -1066,7 +1131,8 @@ impl<L: Launcher> Inner<L> {
         };
         let _op = vm.ops.lock().await;
         let timeout = Duration::from_millis(vm.spec.stop_timeout_ms);
-        self.stop_locked(&vm, StopOptions::graceful(timeout)).await?;
+        self.stop_locked(&vm, StopOptions::graceful(timeout))
+            .await?;
         if let Ok(taps) = self.launcher.taps(&vm.spec, &vm.own_tap) {
             for (t, _) in taps {
                 if net::link_exists(&t).await {
@@ -1080,7 +1146,12 @@ impl<L: Launcher> Inner<L> {
         match tokio::fs::remove_dir_all(&vm.dir).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(VmError::io(format!("cannot remove {}", vm.dir.display()), e)),
+            Err(e) => {
+                return Err(VmError::io(
+                    format!("cannot remove {}", vm.dir.display()),
+                    e,
+                ))
+            }
         }
         self.map().remove(&vm.name);
         info!(vm = %name, "VM deleted");
@@ -1118,7 +1189,9 @@ async fn health_loop(vm: Arc<Vm>, interval: Duration) {
             let report = run_checks(&vm.spec.health, ip, &vm.console, boot_offset).await;
             let mut rt = vm.rt();
             if rt.state == VmState::Running && rt.boot_offset == boot_offset {
-                if let (Some(Health::Healthy), Health::Unhealthy { last_error }) = (&rt.health, &report.health) {
+                if let (Some(Health::Healthy), Health::Unhealthy { last_error }) =
+                    (&rt.health, &report.health)
+                {
                     warn!(vm = %vm.name, "VM became unhealthy: {last_error}");
                 }
                 rt.health = Some(report.health);

@@ -107,7 +107,9 @@ pub enum ResourceError {
 #[non_exhaustive]
 pub enum NetworkError {
     /// Every address of the pool is leased.
-    #[error("address pool {pool} is exhausted ({leased} leases); delete VMs or configure a larger pool")]
+    #[error(
+        "address pool {pool} is exhausted ({leased} leases); delete VMs or configure a larger pool"
+    )]
     PoolExhausted {
         /// The pool.
         pool: String,
@@ -267,7 +269,9 @@ pub enum VmError {
         hint: String,
     },
     /// The hypervisor exited while the VM was starting.
-    #[error("hypervisor of VM {name:?} exited during start ({exit}); console tail:\n{console_tail}")]
+    #[error(
+        "hypervisor of VM {name:?} exited during start ({exit}); console tail:\n{console_tail}"
+    )]
     EarlyExit {
         /// The VM.
         name: String,

@@ -79,24 +79,38 @@ pub async fn run_checks(
     }
 }
 
-async fn run_one(check: &HealthCheck, vm_ip: Option<IpAddr>, console: &Console, boot_offset: u64) -> (bool, String) {
+async fn run_one(
+    check: &HealthCheck,
+    vm_ip: Option<IpAddr>,
+    console: &Console,
+    boot_offset: u64,
+) -> (bool, String) {
     match check {
         HealthCheck::ConsoleMarker { marker } => {
             if console.contains_since(boot_offset, marker).await {
                 (true, format!("console marker {marker:?} seen"))
             } else {
-                (false, format!("console marker {marker:?} not seen since boot"))
+                (
+                    false,
+                    format!("console marker {marker:?} not seen since boot"),
+                )
             }
         }
         HealthCheck::Tcp { host, port } => {
             let Some(ip) = host.or(vm_ip) else {
-                return (false, "tcp check: the VM has no address; set host or give the VM a network".into());
+                return (
+                    false,
+                    "tcp check: the VM has no address; set host or give the VM a network".into(),
+                );
             };
             let addr = SocketAddr::new(ip, *port);
             match tokio::time::timeout(CHECK_TIMEOUT, TcpStream::connect(addr)).await {
                 Ok(Ok(_)) => (true, format!("tcp {addr} connected")),
                 Ok(Err(e)) => (false, format!("tcp {addr}: {e}")),
-                Err(_) => (false, format!("tcp {addr}: no answer within {CHECK_TIMEOUT:?}")),
+                Err(_) => (
+                    false,
+                    format!("tcp {addr}: no answer within {CHECK_TIMEOUT:?}"),
+                ),
             }
         }
         HealthCheck::Http {
@@ -106,7 +120,10 @@ async fn run_one(check: &HealthCheck, vm_ip: Option<IpAddr>, console: &Console, 
             expect_status,
         } => {
             let Some(ip) = host.or(vm_ip) else {
-                return (false, "http check: the VM has no address; set host or give the VM a network".into());
+                return (
+                    false,
+                    "http check: the VM has no address; set host or give the VM a network".into(),
+                );
             };
             let addr = SocketAddr::new(ip, *port);
             http_get(addr, path, *expect_status).await
@@ -118,9 +135,17 @@ async fn run_one(check: &HealthCheck, vm_ip: Option<IpAddr>, console: &Console, 
 pub async fn http_get(addr: SocketAddr, path: &str, expect: Option<u16>) -> (bool, String) {
     let fut = async {
         let mut s = TcpStream::connect(addr).await?;
-        crate::http::request(&mut s, "GET", &addr.ip().to_string(), path, None, true, CHECK_TIMEOUT)
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))
+        crate::http::request(
+            &mut s,
+            "GET",
+            &addr.ip().to_string(),
+            path,
+            None,
+            true,
+            CHECK_TIMEOUT,
+        )
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
     };
     match tokio::time::timeout(CHECK_TIMEOUT, fut).await {
         Ok(Ok(resp)) => {
@@ -131,7 +156,10 @@ pub async fn http_get(addr: SocketAddr, path: &str, expect: Option<u16>) -> (boo
             (ok, format!("GET http://{addr}{path} -> {}", resp.status))
         }
         Ok(Err(e)) => (false, format!("GET http://{addr}{path}: {e}")),
-        Err(_) => (false, format!("GET http://{addr}{path}: no answer within {CHECK_TIMEOUT:?}")),
+        Err(_) => (
+            false,
+            format!("GET http://{addr}{path}: no answer within {CHECK_TIMEOUT:?}"),
+        ),
     }
 }
 
@@ -144,8 +172,13 @@ mod tests {
     async fn checks_against_local_servers() {
         let dir = tempfile::tempdir().expect("tempdir");
         let console = Console::open(dir.path(), 1 << 16);
-        console.append(b"boot\nBLIXARD-GUEST-READY\n").await.expect("append");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        console
+            .append(b"boot\nBLIXARD-GUEST-READY\n")
+            .await
+            .expect("append");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {

@@ -58,10 +58,16 @@ macro_rules! delegate_backend {
             fn usage(&self) -> crate::Usage {
                 self.engine.usage()
             }
-            fn create(&self, spec: crate::VmSpec) -> crate::BoxFuture<'_, Result<crate::VmStatus, crate::VmError>> {
+            fn create(
+                &self,
+                spec: crate::VmSpec,
+            ) -> crate::BoxFuture<'_, Result<crate::VmStatus, crate::VmError>> {
                 Box::pin(self.engine.create(spec))
             }
-            fn start<'a>(&'a self, name: &'a str) -> crate::BoxFuture<'a, Result<crate::VmStatus, crate::VmError>> {
+            fn start<'a>(
+                &'a self,
+                name: &'a str,
+            ) -> crate::BoxFuture<'a, Result<crate::VmStatus, crate::VmError>> {
                 Box::pin(self.engine.start(name))
             }
             fn stop<'a>(
@@ -71,19 +77,34 @@ macro_rules! delegate_backend {
             ) -> crate::BoxFuture<'a, Result<crate::VmStatus, crate::VmError>> {
                 Box::pin(self.engine.stop(name, opts))
             }
-            fn pause<'a>(&'a self, name: &'a str) -> crate::BoxFuture<'a, Result<crate::VmStatus, crate::VmError>> {
+            fn pause<'a>(
+                &'a self,
+                name: &'a str,
+            ) -> crate::BoxFuture<'a, Result<crate::VmStatus, crate::VmError>> {
                 Box::pin(self.engine.pause(name))
             }
-            fn resume<'a>(&'a self, name: &'a str) -> crate::BoxFuture<'a, Result<crate::VmStatus, crate::VmError>> {
+            fn resume<'a>(
+                &'a self,
+                name: &'a str,
+            ) -> crate::BoxFuture<'a, Result<crate::VmStatus, crate::VmError>> {
                 Box::pin(self.engine.resume(name))
             }
-            fn reboot<'a>(&'a self, name: &'a str) -> crate::BoxFuture<'a, Result<crate::VmStatus, crate::VmError>> {
+            fn reboot<'a>(
+                &'a self,
+                name: &'a str,
+            ) -> crate::BoxFuture<'a, Result<crate::VmStatus, crate::VmError>> {
                 Box::pin(self.engine.reboot(name))
             }
-            fn delete<'a>(&'a self, name: &'a str) -> crate::BoxFuture<'a, Result<(), crate::VmError>> {
+            fn delete<'a>(
+                &'a self,
+                name: &'a str,
+            ) -> crate::BoxFuture<'a, Result<(), crate::VmError>> {
                 Box::pin(self.engine.delete(name))
             }
-            fn status<'a>(&'a self, name: &'a str) -> crate::BoxFuture<'a, Result<crate::VmStatus, crate::VmError>> {
+            fn status<'a>(
+                &'a self,
+                name: &'a str,
+            ) -> crate::BoxFuture<'a, Result<crate::VmStatus, crate::VmError>> {
                 Box::pin(self.engine.status(name))
             }
             fn list(&self) -> crate::BoxFuture<'_, Vec<crate::VmStatus>> {
@@ -106,7 +127,10 @@ macro_rules! delegate_backend {
             ) -> crate::BoxFuture<'a, Result<u64, crate::VmError>> {
                 Box::pin(self.engine.wait_console(name, needle, from, timeout))
             }
-            fn health<'a>(&'a self, name: &'a str) -> crate::BoxFuture<'a, Result<crate::HealthReport, crate::VmError>> {
+            fn health<'a>(
+                &'a self,
+                name: &'a str,
+            ) -> crate::BoxFuture<'a, Result<crate::HealthReport, crate::VmError>> {
                 Box::pin(self.engine.health(name))
             }
         }
@@ -137,4 +161,3 @@ pub use net::{NetInfo, NetworkConfig};
 pub use qemu::{AccelMode, QemuBackend, QemuOptions};
 pub use resources::{Capacity, Usage};
 pub use spec::{Boot, Bundle, Disk, HealthCheck, Hypervisor, NetworkRequest, Runner, VmSpec};
-

@@ -55,7 +55,15 @@ fn read_lines(p: &Path) -> Vec<String> {
 /// Hypervisor from a runner's (resolved) store path name `HASH-microvm-HYPERVISOR-HOST`.
 pub fn hypervisor_from_store_name(name: &str) -> Option<Hypervisor> {
     let rest = name.split_once("-microvm-").map(|(_, r)| r)?;
-    for h in ["cloud-hypervisor", "firecracker", "qemu", "crosvm", "kvmtool", "stratovirt", "alioth"] {
+    for h in [
+        "cloud-hypervisor",
+        "firecracker",
+        "qemu",
+        "crosvm",
+        "kvmtool",
+        "stratovirt",
+        "alioth",
+    ] {
         if rest.starts_with(&format!("{h}-")) || rest == h {
             return Some(Hypervisor::from_name(h));
         }
@@ -93,7 +101,11 @@ pub fn inspect_runner(r: &Runner) -> Result<RunnerInfo, SpecError> {
     let tap_flags = read_lines(&share.join("tap-flags"));
     let hypervisor = r
         .hypervisor
-        .or_else(|| read_lines(&share.join("hypervisor")).first().map(|h| Hypervisor::from_name(h)))
+        .or_else(|| {
+            read_lines(&share.join("hypervisor"))
+                .first()
+                .map(|h| Hypervisor::from_name(h))
+        })
         .or_else(|| {
             std::fs::canonicalize(&r.path)
                 .ok()
@@ -101,10 +113,11 @@ pub fn inspect_runner(r: &Runner) -> Result<RunnerInfo, SpecError> {
                 .and_then(|n| hypervisor_from_store_name(&n))
         })
         .unwrap_or(Hypervisor::Other);
-    let control_socket = r
-        .control_socket
-        .clone()
-        .or_else(|| read_lines(&share.join("control-socket")).first().map(PathBuf::from));
+    let control_socket = r.control_socket.clone().or_else(|| {
+        read_lines(&share.join("control-socket"))
+            .first()
+            .map(PathBuf::from)
+    });
     Ok(RunnerInfo {
         run,
         shutdown,
@@ -253,14 +266,22 @@ mod tests {
         assert!(inspect_runner(&r).is_err(), "not executable");
         std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         std::fs::create_dir_all(dir.path().join("share/microvm")).expect("mkdir");
-        std::fs::write(dir.path().join("share/microvm/tap-interfaces"), "vm-a\n\nvm-b\n").expect("w");
+        std::fs::write(
+            dir.path().join("share/microvm/tap-interfaces"),
+            "vm-a\n\nvm-b\n",
+        )
+        .expect("w");
         std::fs::write(dir.path().join("share/microvm/tap-flags"), "vnet_hdr\n").expect("w");
         let info = inspect_runner(&r).expect("ok");
         assert_eq!(info.taps, vec!["vm-a", "vm-b"]);
         assert_eq!(info.tap_flags, vec!["vnet_hdr"]);
         assert_eq!(info.hypervisor, Hypervisor::Other);
         assert!(info.shutdown.is_none());
-        std::fs::write(dir.path().join("share/microvm/tap-interfaces"), "bad/name\n").expect("w");
+        std::fs::write(
+            dir.path().join("share/microvm/tap-interfaces"),
+            "bad/name\n",
+        )
+        .expect("w");
         assert!(inspect_runner(&r).is_err());
     }
 }

@@ -91,7 +91,11 @@ pub fn mac_for(ip: Ipv4Addr) -> String {
 }
 
 /// Run a tool; stdout on success.
-pub async fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, NetworkError> {
+pub async fn run(
+    tool: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, NetworkError> {
     let mut cmd = Command::new(tool);
     cmd.args(args)
         .stdout(std::process::Stdio::piped())
@@ -126,12 +130,18 @@ pub async fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Resu
 
 /// Whether a network link exists.
 pub async fn link_exists(name: &str) -> bool {
-    tokio::fs::metadata(format!("/sys/class/net/{name}")).await.is_ok()
+    tokio::fs::metadata(format!("/sys/class/net/{name}"))
+        .await
+        .is_ok()
 }
 
 /// Create a tap (deleting a stale one of the same name first), optionally enslave it to
 /// `bridge`, and bring it up. `flags` are `vnet_hdr`/`multi_queue` from the runner.
-pub async fn create_tap(name: &str, flags: &[String], bridge: Option<&str>) -> Result<(), NetworkError> {
+pub async fn create_tap(
+    name: &str,
+    flags: &[String],
+    bridge: Option<&str>,
+) -> Result<(), NetworkError> {
     validate_ifname(name)?;
     if link_exists(name).await {
         let _ = run("ip", &["link", "del", name], None).await;
@@ -149,7 +159,9 @@ pub async fn create_tap(name: &str, flags: &[String], bridge: Option<&str>) -> R
         if let Some(br) = bridge {
             run("ip", &["link", "set", name, "master", br], None).await?;
         }
-        run("ip", &["link", "set", name, "up"], None).await.map(drop)
+        run("ip", &["link", "set", name, "up"], None)
+            .await
+            .map(drop)
     };
     if let Err(e) = rest.await {
         let _ = run("ip", &["link", "del", name], None).await;
@@ -189,19 +201,24 @@ impl Network {
         validate_ifname(&cfg.bridge)?;
         if cfg.nft_table.is_empty()
             || cfg.nft_table.len() > 32
-            || !cfg.nft_table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            || !cfg
+                .nft_table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
         {
             return Err(NetworkError::InvalidIfname(cfg.nft_table.clone()));
         }
         let (net, prefix) = parse_pool(&cfg.pool)?;
         let leases_path = data_dir.join("net-leases.json");
         let leases = match std::fs::read(&leases_path) {
-            Ok(bytes) => serde_json::from_slice::<BTreeMap<String, Ipv4Addr>>(&bytes).map_err(|e| {
-                NetworkError::LeaseFile {
-                    path: leases_path.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-                }
-            })?,
+            Ok(bytes) => {
+                serde_json::from_slice::<BTreeMap<String, Ipv4Addr>>(&bytes).map_err(|e| {
+                    NetworkError::LeaseFile {
+                        path: leases_path.clone(),
+                        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                    }
+                })?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => {
                 return Err(NetworkError::LeaseFile {
@@ -290,7 +307,9 @@ impl Network {
             .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         let tmp = self.leases_path.with_extension("json.tmp");
         tokio::fs::write(&tmp, bytes).await.map_err(err)?;
-        tokio::fs::rename(&tmp, &self.leases_path).await.map_err(err)
+        tokio::fs::rename(&tmp, &self.leases_path)
+            .await
+            .map_err(err)
     }
 
     /// Lease an address for `vm` (the existing one if it has one). Persisted.
@@ -301,7 +320,8 @@ impl Network {
         }
         let first = u32::from(self.net) + 2;
         let last = u32::from(self.net) + (1u32 << (32 - self.prefix)) - 2;
-        let used: std::collections::BTreeSet<u32> = st.leases.values().map(|ip| u32::from(*ip)).collect();
+        let used: std::collections::BTreeSet<u32> =
+            st.leases.values().map(|ip| u32::from(*ip)).collect();
         let Some(ip) = (first..=last).find(|a| !used.contains(a)) else {
             return Err(NetworkError::PoolExhausted {
                 pool: self.cfg.pool.clone(),
@@ -349,7 +369,14 @@ impl Network {
             let elem = format!("{{ \"{tap}\" }}");
             if let Err(e) = run(
                 "nft",
-                &["add", "element", "bridge", &self.cfg.nft_table, "isolated", &elem],
+                &[
+                    "add",
+                    "element",
+                    "bridge",
+                    &self.cfg.nft_table,
+                    "isolated",
+                    &elem,
+                ],
                 None,
             )
             .await
@@ -360,7 +387,14 @@ impl Network {
             let ip_elem = format!("{{ {ip} }}");
             if let Err(e) = run(
                 "nft",
-                &["add", "element", "inet", &self.cfg.nft_table, "isolated_ips", &ip_elem],
+                &[
+                    "add",
+                    "element",
+                    "inet",
+                    &self.cfg.nft_table,
+                    "isolated_ips",
+                    &ip_elem,
+                ],
                 None,
             )
             .await
@@ -377,9 +411,19 @@ impl Network {
         delete_link(tap).await;
         let elem = format!("{{ \"{tap}\" }}");
         let t = self.cfg.nft_table.as_str();
-        let _ = run("nft", &["delete", "element", "bridge", t, "isolated", &elem], None).await;
+        let _ = run(
+            "nft",
+            &["delete", "element", "bridge", t, "isolated", &elem],
+            None,
+        )
+        .await;
         let ip_elem = format!("{{ {ip} }}");
-        let _ = run("nft", &["delete", "element", "inet", t, "isolated_ips", &ip_elem], None).await;
+        let _ = run(
+            "nft",
+            &["delete", "element", "inet", t, "isolated_ips", &ip_elem],
+            None,
+        )
+        .await;
     }
 
     /// Remove the bridge and the nft tables (call when the node shuts its VM network down).
@@ -404,7 +448,14 @@ mod tests {
             parse_pool("10.77.0.9/24").expect("ok"),
             (Ipv4Addr::new(10, 77, 0, 0), 24)
         );
-        for bad in ["10.0.0.0", "10.0.0.0/31", "10.0.0.0/7", "x/24", "10.0.0.0/x", ""] {
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/31",
+            "10.0.0.0/7",
+            "x/24",
+            "10.0.0.0/x",
+            "",
+        ] {
             assert!(parse_pool(bad).is_err(), "{bad}");
         }
         assert_eq!(mac_for(Ipv4Addr::new(10, 77, 0, 2)), "02:42:0a:4d:00:02");
@@ -423,7 +474,10 @@ mod tests {
         let a = n.lease("a").await.expect("lease");
         assert_eq!(a, Ipv4Addr::new(10, 99, 0, 2));
         assert_eq!(n.lease("a").await.expect("same"), a);
-        assert!(matches!(n.lease("b").await, Err(NetworkError::PoolExhausted { .. })));
+        assert!(matches!(
+            n.lease("b").await,
+            Err(NetworkError::PoolExhausted { .. })
+        ));
         let n2 = Network::open(cfg.clone(), dir.path()).expect("reopen");
         assert_eq!(n2.leases().await.get("a"), Some(&a));
         n2.release("a").await.expect("release");

@@ -29,7 +29,9 @@ impl std::str::FromStr for AccelMode {
             "auto" => Ok(AccelMode::Auto),
             "kvm" => Ok(AccelMode::Kvm),
             "tcg" => Ok(AccelMode::Tcg),
-            other => Err(format!("unknown accelerator {other:?}: use auto, kvm or tcg")),
+            other => Err(format!(
+                "unknown accelerator {other:?}: use auto, kvm or tcg"
+            )),
         }
     }
 }
@@ -326,17 +328,39 @@ mod tests {
                 cmdline: "console=ttyS0".into(),
             }),
         );
-        let args = qemu_args(&spec, Accel::Tcg, Some(2_000_000), Path::new("/d/control.sock"), Some(("bx1", "02:42:0a:00:00:02")), "blixard.ip=10.0.0.2/24")
-            .expect("args");
-        let s: Vec<String> = args.iter().map(|a| a.to_string_lossy().to_string()).collect();
+        let args = qemu_args(
+            &spec,
+            Accel::Tcg,
+            Some(2_000_000),
+            Path::new("/d/control.sock"),
+            Some(("bx1", "02:42:0a:00:00:02")),
+            "blixard.ip=10.0.0.2/24",
+        )
+        .expect("args");
+        let s: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().to_string())
+            .collect();
         let joined = s.join(" ");
-        assert!(joined.contains("-M microvm -accel tcg -smp 2 -m 256M"), "{joined}");
-        assert!(joined.contains("-append console=ttyS0 tsc_early_khz=2000000 blixard.ip=10.0.0.2/24"), "{joined}");
+        assert!(
+            joined.contains("-M microvm -accel tcg -smp 2 -m 256M"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-append console=ttyS0 tsc_early_khz=2000000 blixard.ip=10.0.0.2/24"),
+            "{joined}"
+        );
         assert!(joined.contains("file=/b/disk.img,readonly=on"), "{joined}");
         assert!(joined.contains("ifname=bx1,script=no"), "{joined}");
-        assert!(joined.ends_with("-qmp unix:/d/control.sock,server=on,wait=off"), "{joined}");
+        assert!(
+            joined.ends_with("-qmp unix:/d/control.sock,server=on,wait=off"),
+            "{joined}"
+        );
         let kvm = qemu_args(&spec, Accel::Kvm, Some(1), Path::new("/s"), None, "").expect("args");
-        let joined: Vec<String> = kvm.iter().map(|a| a.to_string_lossy().to_string()).collect();
+        let joined: Vec<String> = kvm
+            .iter()
+            .map(|a| a.to_string_lossy().to_string())
+            .collect();
         assert!(joined.join(" ").contains("-accel kvm -cpu host"));
         assert!(!joined.join(" ").contains("tsc_early_khz"));
     }

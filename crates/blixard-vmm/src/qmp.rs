@@ -135,12 +135,13 @@ impl QmpClient {
         let mut line = String::new();
         loop {
             line.clear();
-            let n = tokio::time::timeout(self.timeout, read_bounded_line(&mut self.reader, &mut line))
-                .await
-                .map_err(|_| ControlError::Timeout {
-                    what: what.to_string(),
-                    after: self.timeout,
-                })??;
+            let n =
+                tokio::time::timeout(self.timeout, read_bounded_line(&mut self.reader, &mut line))
+                    .await
+                    .map_err(|_| ControlError::Timeout {
+                        what: what.to_string(),
+                        after: self.timeout,
+                    })??;
             if n == 0 {
                 return Err(ControlError::Protocol(format!(
                     "QMP socket closed while waiting for {what}"
@@ -154,7 +155,11 @@ impl QmpClient {
     }
 
     /// Run a command and return its `return` value. Events seen meanwhile go to `events`.
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, ControlError> {
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, ControlError> {
         let id = self.next_id;
         self.next_id += 1;
         let mut req = serde_json::json!({ "execute": command, "id": id });
@@ -173,7 +178,11 @@ impl QmpClient {
                         return Ok(value);
                     }
                 }
-                QmpMessage::Error { id: rid, class, desc } => {
+                QmpMessage::Error {
+                    id: rid,
+                    class,
+                    desc,
+                } => {
                     if rid.as_ref().and_then(Value::as_u64).is_none_or(|r| r == id) {
                         return Err(ControlError::Qmp {
                             command: command.to_string(),
@@ -267,9 +276,8 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match parse_qmp_line(
-            r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#,
-        ) {
+        match parse_qmp_line(r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#)
+        {
             Ok(QmpMessage::Event { name, .. }) => assert_eq!(name, "STOP"),
             other => panic!("{other:?}"),
         }
@@ -328,7 +336,10 @@ mod tests {
         assert!(matches!(err, ControlError::Qmp { .. }), "{err}");
         drop(c);
         let seen = server.await.expect("server");
-        assert_eq!(seen, vec!["qmp_capabilities", "stop", "query-status", "bogus"]);
+        assert_eq!(
+            seen,
+            vec!["qmp_capabilities", "stop", "query-status", "bogus"]
+        );
     }
 
     proptest! {

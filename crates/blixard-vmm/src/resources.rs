@@ -88,7 +88,10 @@ mod tests {
         });
         l.reserve(2, 512).expect("fits");
         l.reserve(2, 512).expect("fits");
-        assert!(matches!(l.reserve(1, 1), Err(ResourceError::Insufficient { .. })));
+        assert!(matches!(
+            l.reserve(1, 1),
+            Err(ResourceError::Insufficient { .. })
+        ));
         l.release(2, 512);
         l.reserve(1, 256).expect("fits again");
         assert_eq!(

@@ -65,7 +65,6 @@ pub enum Boot {
     Runner(Runner),
 }
 
-
 /// Kernel + initrd + optional root disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bundle {
@@ -367,7 +366,17 @@ mod tests {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", "-a", "a/b", "../x", "a\\b", "A", "a b", "a.b", "a_b", &"x".repeat(49), "é",
+            "",
+            "-a",
+            "a/b",
+            "../x",
+            "a\\b",
+            "A",
+            "a b",
+            "a.b",
+            "a_b",
+            &"x".repeat(49),
+            "é",
         ] {
             assert!(
                 matches!(validate_name(bad), Err(SpecError::InvalidName { .. })),

@@ -53,13 +53,34 @@ async fn invalid_specs_are_rejected_and_leave_nothing() {
     let b = microvm(data.path(), CAP).await;
     let ok = fake_runner(runners.path(), "ok", "exec sleep 600", Some("crosvm"));
     let cases: Vec<(VmSpec, &str)> = vec![
-        (VmSpec::new("../evil", 1, 64, Boot::Runner(ok.clone())), "invalid VM name"),
-        (VmSpec::new("a/b", 1, 64, Boot::Runner(ok.clone())), "path separator"),
-        (VmSpec::new("x".repeat(49), 1, 64, Boot::Runner(ok.clone())), "longer than"),
-        (VmSpec::new("zero", 0, 64, Boot::Runner(ok.clone())), "invalid vcpus 0"),
-        (VmSpec::new("many", 3, 64, Boot::Runner(ok.clone())), "invalid vcpus 3"),
-        (VmSpec::new("tiny", 1, 1, Boot::Runner(ok.clone())), "invalid memory 1 MiB"),
-        (VmSpec::new("huge", 1, 1 << 20, Boot::Runner(ok.clone())), "invalid memory"),
+        (
+            VmSpec::new("../evil", 1, 64, Boot::Runner(ok.clone())),
+            "invalid VM name",
+        ),
+        (
+            VmSpec::new("a/b", 1, 64, Boot::Runner(ok.clone())),
+            "path separator",
+        ),
+        (
+            VmSpec::new("x".repeat(49), 1, 64, Boot::Runner(ok.clone())),
+            "longer than",
+        ),
+        (
+            VmSpec::new("zero", 0, 64, Boot::Runner(ok.clone())),
+            "invalid vcpus 0",
+        ),
+        (
+            VmSpec::new("many", 3, 64, Boot::Runner(ok.clone())),
+            "invalid vcpus 3",
+        ),
+        (
+            VmSpec::new("tiny", 1, 1, Boot::Runner(ok.clone())),
+            "invalid memory 1 MiB",
+        ),
+        (
+            VmSpec::new("huge", 1, 1 << 20, Boot::Runner(ok.clone())),
+            "invalid memory",
+        ),
         (
             VmSpec::new(
                 "norunner",
@@ -130,9 +151,18 @@ async fn invalid_specs_are_rejected_and_leave_nothing() {
         .await
         .expect_err("different spec");
     assert!(matches!(err, VmError::AlreadyExists { .. }));
-    assert!(matches!(b.start("nope").await, Err(VmError::NotFound { .. })));
-    assert!(matches!(b.pause("dup").await, Err(VmError::InvalidState { .. })));
-    assert!(matches!(b.reboot("dup").await, Err(VmError::InvalidState { .. })));
+    assert!(matches!(
+        b.start("nope").await,
+        Err(VmError::NotFound { .. })
+    ));
+    assert!(matches!(
+        b.pause("dup").await,
+        Err(VmError::InvalidState { .. })
+    ));
+    assert!(matches!(
+        b.reboot("dup").await,
+        Err(VmError::InvalidState { .. })
+    ));
     b.delete("dup").await.expect("delete");
     assert_no_leftovers(data.path(), "dup", None, &[]);
 }
@@ -165,7 +195,10 @@ async fn missing_qemu_binary_is_a_clear_error() {
     );
     let err = b.create(spec).await.expect_err("no qemu");
     eprintln!("missing qemu: {err}");
-    assert!(err.to_string().contains("apt-get install qemu-system-x86"), "{err}");
+    assert!(
+        err.to_string().contains("apt-get install qemu-system-x86"),
+        "{err}"
+    );
     assert!(!vm_dir(data.path(), "q").exists());
 }
 
@@ -238,7 +271,10 @@ async fn start_timeout_and_cancellation_leave_nothing() {
     std::fs::remove_file(&pidfile).expect("rm");
     let cancelled = tokio::time::timeout(Duration::from_millis(300), b.start("hung")).await;
     assert!(cancelled.is_err(), "start was cancelled");
-    let st = wait_status(&b, "hung", Duration::from_secs(10), |s| s.state == VmState::Failed).await;
+    let st = wait_status(&b, "hung", Duration::from_secs(10), |s| {
+        s.state == VmState::Failed
+    })
+    .await;
     assert!(st.pid.is_none());
     let pid: u32 = std::fs::read_to_string(&pidfile)
         .expect("pid")
@@ -273,7 +309,13 @@ async fn resources_are_reserved_and_released() {
         .expect("create");
     let sa = b.start("a").await.expect("start a");
     assert_eq!(sa.hypervisor, Some(Hypervisor::Other));
-    assert_eq!(b.usage(), Usage { vcpus: 1, memory_mib: 256 });
+    assert_eq!(
+        b.usage(),
+        Usage {
+            vcpus: 1,
+            memory_mib: 256
+        }
+    );
     let err = b.start("b").await.expect_err("no room");
     eprintln!("second VM: {err}");
     assert!(matches!(err, VmError::Resources(_)));
@@ -282,7 +324,13 @@ async fn resources_are_reserved_and_released() {
     assert_eq!(st.last_stop, Some(StopKind::Forced));
     assert_eq!(b.usage(), Usage::default());
     b.start("b").await.expect("room now");
-    assert_eq!(b.usage(), Usage { vcpus: 1, memory_mib: 256 });
+    assert_eq!(
+        b.usage(),
+        Usage {
+            vcpus: 1,
+            memory_mib: 256
+        }
+    );
     // Graceful stop of a runner without microvm-shutdown or control API: killed after
     // the timeout.
     let st = b
@@ -327,7 +375,11 @@ async fn console_log_is_bounded_and_followable() {
     let chunk = b.console_log("chatty", 0, 1 << 20).await.expect("log");
     assert!(chunk.skipped > 0 && chunk.start == chunk.skipped);
     assert!(chunk.data.len() <= 128 * 1024);
-    assert_eq!(chunk.next, end + 1, "wait_console returns the offset just after the needle");
+    assert_eq!(
+        chunk.next,
+        end + 1,
+        "wait_console returns the offset just after the needle"
+    );
     let tail = b.console_log("chatty", end - 11, 100).await.expect("log");
     assert_eq!(tail.data, b"CHATTY-DONE\n");
     b.delete("chatty").await.expect("delete");

@@ -27,7 +27,11 @@ async fn qemu_backend(data: &Path, network: Option<NetworkConfig>) -> Arc<dyn Vm
 async fn microvm_backend(data: &Path, network: Option<NetworkConfig>) -> Arc<dyn VmBackend> {
     let mut cfg = config(data);
     cfg.network = network;
-    Arc::new(MicrovmBackend::open(cfg).await.expect("open microvm backend"))
+    Arc::new(
+        MicrovmBackend::open(cfg)
+            .await
+            .expect("open microvm backend"),
+    )
 }
 
 /// The full lifecycle, identical for both backends.
@@ -41,8 +45,13 @@ async fn lifecycle(test: &str, b: Arc<dyn VmBackend>, data: &Path, spec: VmSpec)
     let st = b.start(&name).await.expect("start");
     assert_eq!(st.state, VmState::Running);
     let pid = st.pid.expect("pid");
-    assert_eq!(b.start(&name).await.expect("start is idempotent").pid, Some(pid));
-    b.wait_console(&name, READY, 0, BOOT_TIMEOUT).await.expect("readiness marker");
+    assert_eq!(
+        b.start(&name).await.expect("start is idempotent").pid,
+        Some(pid)
+    );
+    b.wait_console(&name, READY, 0, BOOT_TIMEOUT)
+        .await
+        .expect("readiness marker");
     let st = b.status(&name).await.expect("status");
     eprintln!(
         "{test}: accelerator={:?} hypervisor={:?} start->marker {:?}",
@@ -51,25 +60,43 @@ async fn lifecycle(test: &str, b: Arc<dyn VmBackend>, data: &Path, spec: VmSpec)
         t0.elapsed()
     );
     assert!(st.accelerator.is_some(), "accelerator reported");
-    assert_eq!(b.usage(), Usage { vcpus: 1, memory_mib: 256 });
+    assert_eq!(
+        b.usage(),
+        Usage {
+            vcpus: 1,
+            memory_mib: 256
+        }
+    );
     let socket = st.control_socket.clone().expect("control socket");
     let control = Control {
         hypervisor: Hypervisor::Qemu,
         socket: socket.clone(),
     };
-    wait_status(&*b, &name, Duration::from_secs(10), |s| s.health == Health::Healthy).await;
+    wait_status(&*b, &name, Duration::from_secs(10), |s| {
+        s.health == Health::Healthy
+    })
+    .await;
 
     // Pause: the guest makes no progress (no ticks), qemu says paused.
     b.pause(&name).await.expect("pause");
-    assert_eq!(b.pause(&name).await.expect("pause is idempotent").state, VmState::Paused);
-    assert_eq!(control.run_state().await.expect("query-status"), RunState::Paused);
+    assert_eq!(
+        b.pause(&name).await.expect("pause is idempotent").state,
+        VmState::Paused
+    );
+    assert_eq!(
+        control.run_state().await.expect("query-status"),
+        RunState::Paused
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = b.status(&name).await.expect("status").console_bytes;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let after = b.status(&name).await.expect("status").console_bytes;
     assert_eq!(before, after, "console output while paused");
     b.resume(&name).await.expect("resume");
-    assert_eq!(control.run_state().await.expect("query-status"), RunState::Running);
+    assert_eq!(
+        control.run_state().await.expect("query-status"),
+        RunState::Running
+    );
     b.wait_console(&name, "BLIXARD-TICK", after, Duration::from_secs(15))
         .await
         .expect("ticks again after resume");
@@ -101,7 +128,9 @@ async fn lifecycle(test: &str, b: Arc<dyn VmBackend>, data: &Path, spec: VmSpec)
         String::from_utf8_lossy(&console.data).contains("BLIXARD-GUEST-POWERDOWN"),
         "guest saw the power button"
     );
-    b.stop(&name, StopOptions::forced()).await.expect("stop is idempotent");
+    b.stop(&name, StopOptions::forced())
+        .await
+        .expect("stop is idempotent");
 
     // Start again, then kill the hypervisor from outside: the VM is failed.
     let st = b.start(&name).await.expect("restart");
@@ -114,15 +143,27 @@ async fn lifecycle(test: &str, b: Arc<dyn VmBackend>, data: &Path, spec: VmSpec)
         .status()
         .expect("kill");
     assert!(killed.success());
-    let st = wait_status(&*b, &name, Duration::from_secs(10), |s| s.state == VmState::Failed).await;
-    eprintln!("{test}: after external kill: {:?} / {:?}", st.state, st.last_error);
-    assert!(st.last_error.as_deref().unwrap_or("").contains("signal 9"), "{st:?}");
+    let st = wait_status(&*b, &name, Duration::from_secs(10), |s| {
+        s.state == VmState::Failed
+    })
+    .await;
+    eprintln!(
+        "{test}: after external kill: {:?} / {:?}",
+        st.state, st.last_error
+    );
+    assert!(
+        st.last_error.as_deref().unwrap_or("").contains("signal 9"),
+        "{st:?}"
+    );
     assert_eq!(b.usage(), Usage::default(), "resources released on failure");
 
     // Delete: nothing remains.
     b.delete(&name).await.expect("delete");
     b.delete(&name).await.expect("delete is idempotent");
-    assert!(matches!(b.status(&name).await, Err(VmError::NotFound { .. })));
+    assert!(matches!(
+        b.status(&name).await,
+        Err(VmError::NotFound { .. })
+    ));
     assert_no_leftovers(data, &name, Some(pid2), &[]);
 }
 
@@ -131,7 +172,9 @@ async fn forced_stop(test: &str, b: Arc<dyn VmBackend>, data: &Path, spec: VmSpe
     b.create(spec).await.expect("create");
     let st = b.start(&name).await.expect("start");
     let pid = st.pid.expect("pid");
-    b.wait_console(&name, READY, 0, BOOT_TIMEOUT).await.expect("marker");
+    b.wait_console(&name, READY, 0, BOOT_TIMEOUT)
+        .await
+        .expect("marker");
     let console = b.console_log(&name, 0, 1 << 20).await.expect("console");
     assert!(String::from_utf8_lossy(&console.data).contains("BLIXARD-GUEST-IGNORES-POWERDOWN"));
     let t0 = Instant::now();
@@ -140,7 +183,10 @@ async fn forced_stop(test: &str, b: Arc<dyn VmBackend>, data: &Path, spec: VmSpe
         .await
         .expect("stop");
     let took = t0.elapsed();
-    eprintln!("{test}: stop of a guest ignoring the power button took {took:?} ({:?})", st.last_stop);
+    eprintln!(
+        "{test}: stop of a guest ignoring the power button took {took:?} ({:?})",
+        st.last_stop
+    );
     assert_eq!(st.state, VmState::Stopped);
     assert_eq!(st.last_stop, Some(StopKind::Forced));
     assert!(took >= Duration::from_secs(3));
@@ -168,7 +214,9 @@ fn health_marker() -> Vec<HealthCheck> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_bundle_lifecycle() {
     init_tracing();
-    let Some(g) = guest_or_skip("qemu_bundle_lifecycle") else { return };
+    let Some(g) = guest_or_skip("qemu_bundle_lifecycle") else {
+        return;
+    };
     let data = Janitor::new();
     let b = qemu_backend(data.path(), None).await;
     let mut spec = VmSpec::new("life", 1, 256, Boot::Bundle(g.bundle()));
@@ -179,7 +227,9 @@ async fn qemu_bundle_lifecycle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn microvm_runner_lifecycle() {
     init_tracing();
-    let Some(g) = guest_or_skip("microvm_runner_lifecycle") else { return };
+    let Some(g) = guest_or_skip("microvm_runner_lifecycle") else {
+        return;
+    };
     let data = Janitor::new();
     let b = microvm_backend(data.path(), None).await;
     let mut spec = VmSpec::new("life", 1, 256, Boot::Runner(g.runner("runner")));
@@ -190,7 +240,9 @@ async fn microvm_runner_lifecycle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_forced_stop_when_guest_ignores_powerdown() {
     init_tracing();
-    let Some(g) = guest_or_skip("qemu_forced_stop_when_guest_ignores_powerdown") else { return };
+    let Some(g) = guest_or_skip("qemu_forced_stop_when_guest_ignores_powerdown") else {
+        return;
+    };
     let data = Janitor::new();
     let b = qemu_backend(data.path(), None).await;
     let mut bundle = g.bundle();
@@ -202,10 +254,17 @@ async fn qemu_forced_stop_when_guest_ignores_powerdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn microvm_forced_stop_when_guest_ignores_powerdown() {
     init_tracing();
-    let Some(g) = guest_or_skip("microvm_forced_stop_when_guest_ignores_powerdown") else { return };
+    let Some(g) = guest_or_skip("microvm_forced_stop_when_guest_ignores_powerdown") else {
+        return;
+    };
     let data = Janitor::new();
     let b = microvm_backend(data.path(), None).await;
-    let spec = VmSpec::new("stubborn", 1, 256, Boot::Runner(g.runner("runner-stubborn")));
+    let spec = VmSpec::new(
+        "stubborn",
+        1,
+        256,
+        Boot::Runner(g.runner("runner-stubborn")),
+    );
     forced_stop("microvm_forced_stop", b, data.path(), spec).await;
 }
 
@@ -213,7 +272,9 @@ async fn microvm_forced_stop_when_guest_ignores_powerdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_with_a_broken_kernel_fails_cleanly() {
     init_tracing();
-    let Some(g) = guest_or_skip("qemu_with_a_broken_kernel_fails_cleanly") else { return };
+    let Some(g) = guest_or_skip("qemu_with_a_broken_kernel_fails_cleanly") else {
+        return;
+    };
     let data = Janitor::new();
     let b = qemu_backend(data.path(), None).await;
     let bogus = data.path().join("not-a-kernel");
@@ -258,8 +319,13 @@ async fn networking_isolates_vms_by_default() {
     let b = qemu_backend(data.path(), Some(net.clone())).await;
     let checks = |ip_port: u16| {
         vec![
-            HealthCheck::ConsoleMarker { marker: READY.into() },
-            HealthCheck::Tcp { host: None, port: ip_port },
+            HealthCheck::ConsoleMarker {
+                marker: READY.into(),
+            },
+            HealthCheck::Tcp {
+                host: None,
+                port: ip_port,
+            },
             HealthCheck::Http {
                 host: None,
                 port: ip_port,
@@ -297,11 +363,16 @@ async fn networking_isolates_vms_by_default() {
         assert!(link_exists(t), "tap {t} exists while running");
     }
     for n in ["server", "isolated", "open"] {
-        b.wait_console(n, READY, 0, BOOT_TIMEOUT).await.expect("marker");
+        b.wait_console(n, READY, 0, BOOT_TIMEOUT)
+            .await
+            .expect("marker");
     }
     // The host reaches every VM (HTTP + TCP health checks pass).
     for n in ["server", "isolated", "open"] {
-        let st = wait_status(&*b, n, Duration::from_secs(20), |s| s.health == Health::Healthy).await;
+        let st = wait_status(&*b, n, Duration::from_secs(20), |s| {
+            s.health == Health::Healthy
+        })
+        .await;
         eprintln!("{test}: {n} at {:?} is healthy", st.network.map(|x| x.ip));
     }
     // C (both ends open) reaches A; B (isolated) does not.
@@ -313,9 +384,15 @@ async fn networking_isolates_vms_by_default() {
         .await
         .expect("isolated VM probes fail");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let log = b.console_log("isolated", 0, 1 << 20).await.expect("console");
+    let log = b
+        .console_log("isolated", 0, 1 << 20)
+        .await
+        .expect("console");
     let text = String::from_utf8_lossy(&log.data);
-    assert!(!text.contains("BLIXARD-PROBE-OK"), "isolated VM reached another VM:\n{text}");
+    assert!(
+        !text.contains("BLIXARD-PROBE-OK"),
+        "isolated VM reached another VM:\n{text}"
+    );
     eprintln!("{test}: isolated probe failed as expected (first at offset {fail_at})");
 
     let leases = std::fs::read_to_string(data.path().join("net-leases.json")).expect("leases");
@@ -388,10 +465,20 @@ async fn microvm_runner_taps_and_network() {
     b.create(spec).await.expect("create");
     let st = b.start("netvm").await.expect("start");
     assert!(link_exists("blxtg0"), "runner tap created");
-    b.wait_console("netvm", READY, 0, BOOT_TIMEOUT).await.expect("marker");
-    let st2 = wait_status(&b, "netvm", Duration::from_secs(20), |s| s.health == Health::Healthy).await;
-    eprintln!("{test}: runner VM at {:?} healthy over HTTP", st2.network.map(|n| n.ip));
-    b.stop("netvm", StopOptions::graceful(Duration::from_secs(20))).await.expect("stop");
+    b.wait_console("netvm", READY, 0, BOOT_TIMEOUT)
+        .await
+        .expect("marker");
+    let st2 = wait_status(&b, "netvm", Duration::from_secs(20), |s| {
+        s.health == Health::Healthy
+    })
+    .await;
+    eprintln!(
+        "{test}: runner VM at {:?} healthy over HTTP",
+        st2.network.map(|n| n.ip)
+    );
+    b.stop("netvm", StopOptions::graceful(Duration::from_secs(20)))
+        .await
+        .expect("stop");
     assert!(!link_exists("blxtg0"), "runner tap removed after stop");
     b.delete("netvm").await.expect("delete");
     assert_no_leftovers(data.path(), "netvm", st.pid, &["blxtg0".to_string()]);

@@ -91,8 +91,13 @@ pub fn net_capable() -> Result<(), String> {
         return Err("networking tests need root (CAP_NET_ADMIN)".into());
     }
     for t in ["ip", "nft"] {
-        if which(t).is_none() && !Path::new("/usr/sbin").join(t).exists() && !Path::new("/sbin").join(t).exists() {
-            return Err(format!("`{t}` not installed (apt-get install iproute2 nftables)"));
+        if which(t).is_none()
+            && !Path::new("/usr/sbin").join(t).exists()
+            && !Path::new("/sbin").join(t).exists()
+        {
+            return Err(format!(
+                "`{t}` not installed (apt-get install iproute2 nftables)"
+            ));
         }
     }
     Ok(())
@@ -222,7 +227,9 @@ impl Drop for Janitor {
         }
         for b in &self.bridges {
             if link_exists(b) {
-                let _ = std::process::Command::new("ip").args(["link", "del", b]).status();
+                let _ = std::process::Command::new("ip")
+                    .args(["link", "del", b])
+                    .status();
             }
         }
     }
