@@ -677,15 +677,18 @@ impl<L: Launcher> Inner<L> {
                 warn!(vm = %vm.name, "start failed: {e}");
                 if spawned {
                     // The supervisor owns taps and the reservation now: kill and let it clean.
-                    let gen0 = *vm.exits.borrow();
                     let pid = vm.rt().pid;
                     if let Some(pid) = pid {
                         kill_group(pid);
                     }
+                    // The supervisor may be done already: wait on the state, which
+                    // `wait_for` checks at once, not only on the next change.
                     let mut rx = vm.exits.subscribe();
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|g| *g != gen0))
-                            .await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        rx.wait_for(|_| !vm.rt().state.is_active()),
+                    )
+                    .await;
                 } else {
                     for t in &created_taps {
                         self.remove_tap(t, vm.net.as_ref().map(|n| n.ip)).await;
@@ -958,7 +961,9 @@ impl<L: Launcher> Inner<L> {
         let gen0 = *vm.exits.borrow();
         let mut rx = vm.exits.subscribe();
         let mut kind = StopKind::Forced;
-        if !opts.force {
+        // Without microvm-shutdown and without a control API there is no way to ask.
+        let can_ask = shutdown_program.is_some() || control.is_some();
+        if !opts.force && can_ask {
             let deadline = tokio::time::Instant::now() + opts.timeout;
             if state == VmState::Paused {
                 if let Some(c) = &control {

@@ -20,7 +20,7 @@ async fn qemu_backend(data: &Path, network: Option<NetworkConfig>) -> Arc<dyn Vm
     let b = QemuBackend::open(cfg, QemuOptions::default())
         .await
         .expect("open qemu backend");
-    eprintln!("qemu backend accelerator: {}", b.accelerator());
+    say(format!("qemu backend accelerator: {}", b.accelerator()));
     Arc::new(b)
 }
 
@@ -53,12 +53,12 @@ async fn lifecycle(test: &str, b: Arc<dyn VmBackend>, data: &Path, spec: VmSpec)
         .await
         .expect("readiness marker");
     let st = b.status(&name).await.expect("status");
-    eprintln!(
+    say(format!(
         "{test}: accelerator={:?} hypervisor={:?} start->marker {:?}",
         st.accelerator,
         st.hypervisor,
         t0.elapsed()
-    );
+    ));
     assert!(st.accelerator.is_some(), "accelerator reported");
     assert_eq!(
         b.usage(),
@@ -108,7 +108,7 @@ async fn lifecycle(test: &str, b: Arc<dyn VmBackend>, data: &Path, spec: VmSpec)
     b.wait_console(&name, READY, st.console_bytes, BOOT_TIMEOUT)
         .await
         .expect("marker after reboot");
-    eprintln!("{test}: reboot->marker {:?}", t0.elapsed());
+    say(format!("{test}: reboot->marker {:?}", t0.elapsed()));
     assert_eq!(b.status(&name).await.expect("status").boots, st.boots + 1);
 
     // Graceful stop (ACPI power button / microvm-shutdown).
@@ -117,7 +117,7 @@ async fn lifecycle(test: &str, b: Arc<dyn VmBackend>, data: &Path, spec: VmSpec)
         .stop(&name, StopOptions::graceful(Duration::from_secs(30)))
         .await
         .expect("stop");
-    eprintln!("{test}: graceful stop took {:?}", t0.elapsed());
+    say(format!("{test}: graceful stop took {:?}", t0.elapsed()));
     assert_eq!(st.state, VmState::Stopped);
     assert_eq!(st.last_stop, Some(StopKind::Graceful));
     assert!(!pid_alive(pid));
@@ -147,10 +147,10 @@ async fn lifecycle(test: &str, b: Arc<dyn VmBackend>, data: &Path, spec: VmSpec)
         s.state == VmState::Failed
     })
     .await;
-    eprintln!(
+    say(format!(
         "{test}: after external kill: {:?} / {:?}",
         st.state, st.last_error
-    );
+    ));
     assert!(
         st.last_error.as_deref().unwrap_or("").contains("signal 9"),
         "{st:?}"
@@ -183,10 +183,10 @@ async fn forced_stop(test: &str, b: Arc<dyn VmBackend>, data: &Path, spec: VmSpe
         .await
         .expect("stop");
     let took = t0.elapsed();
-    eprintln!(
+    say(format!(
         "{test}: stop of a guest ignoring the power button took {took:?} ({:?})",
         st.last_stop
-    );
+    ));
     assert_eq!(st.state, VmState::Stopped);
     assert_eq!(st.last_stop, Some(StopKind::Forced));
     assert!(took >= Duration::from_secs(3));
@@ -285,7 +285,7 @@ async fn qemu_with_a_broken_kernel_fails_cleanly() {
         .await
         .expect("create");
     let err = b.start("broken").await.expect_err("must fail");
-    eprintln!("broken kernel: {err}");
+    say(format!("broken kernel: {err}"));
     assert!(matches!(err, VmError::EarlyExit { .. }), "{err}");
     let st = b.status("broken").await.expect("status");
     assert_eq!(st.state, VmState::Failed);
@@ -373,7 +373,10 @@ async fn networking_isolates_vms_by_default() {
             s.health == Health::Healthy
         })
         .await;
-        eprintln!("{test}: {n} at {:?} is healthy", st.network.map(|x| x.ip));
+        say(format!(
+            "{test}: {n} at {:?} is healthy",
+            st.network.map(|x| x.ip)
+        ));
     }
     // C (both ends open) reaches A; B (isolated) does not.
     b.wait_console("open", "BLIXARD-PROBE-OK", 0, Duration::from_secs(30))
@@ -393,7 +396,9 @@ async fn networking_isolates_vms_by_default() {
         !text.contains("BLIXARD-PROBE-OK"),
         "isolated VM reached another VM:\n{text}"
     );
-    eprintln!("{test}: isolated probe failed as expected (first at offset {fail_at})");
+    say(format!(
+        "{test}: isolated probe failed as expected (first at offset {fail_at})"
+    ));
 
     let leases = std::fs::read_to_string(data.path().join("net-leases.json")).expect("leases");
     assert!(leases.contains("server") && leases.contains("isolated"));
@@ -472,10 +477,10 @@ async fn microvm_runner_taps_and_network() {
         s.health == Health::Healthy
     })
     .await;
-    eprintln!(
+    say(format!(
         "{test}: runner VM at {:?} healthy over HTTP",
         st2.network.map(|n| n.ip)
-    );
+    ));
     b.stop("netvm", StopOptions::graceful(Duration::from_secs(20)))
         .await
         .expect("stop");

@@ -36,7 +36,10 @@ pub fn skip(test: &str, why: &str) {
     if require_real() {
         panic!("{test}: prerequisite missing and BLIXARD_REQUIRE_REAL=1: {why}");
     }
-    eprintln!("SKIP {test}: {why}");
+    // Written to the real stderr (not `eprintln!`, which the test harness captures), so
+    // the skip is visible in a plain `cargo test` run.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
 }
 
 fn build_lock() -> &'static Mutex<Option<Result<Guest, String>>> {
@@ -233,4 +236,10 @@ impl Drop for Janitor {
             }
         }
     }
+}
+
+/// Print to the real stderr (visible without `--nocapture`): accelerator, timings.
+pub fn say(msg: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
 }
