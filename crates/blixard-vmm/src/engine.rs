@@ -326,6 +326,35 @@ impl<L: Launcher> Engine<L> {
         .await
     }
 
+    /// Stop every active VM (in parallel), e.g. when the node shuts down.
+    pub(crate) async fn stop_all(
+        &self,
+        opts: StopOptions,
+    ) -> Vec<(String, Result<VmStatus, VmError>)> {
+        let names: Vec<String> = self
+            .inner
+            .map()
+            .values()
+            .filter(|vm| vm.rt().state.is_active())
+            .map(|vm| vm.name.clone())
+            .collect();
+        let mut tasks = Vec::new();
+        for n in names {
+            let e = self.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = e.stop(&n, opts).await;
+                (n, r)
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            if let Ok(r) = t.await {
+                out.push(r);
+            }
+        }
+        out
+    }
+
     pub(crate) async fn pause(&self, name: &str) -> Result<VmStatus, VmError> {
         let inner = self.inner.clone();
         let name = name.to_string();

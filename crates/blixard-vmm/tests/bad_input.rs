@@ -331,8 +331,10 @@ async fn resources_are_reserved_and_released() {
             memory_mib: 256
         }
     );
-    // Graceful stop of a runner without microvm-shutdown or control API: killed after
-    // the timeout.
+    b.start("a").await.expect_err("still no room");
+    assert_eq!(b.usage().vcpus, 1, "a failed start reserves nothing");
+    // Graceful stop of a runner without microvm-shutdown or control API: there is no way
+    // to ask, so it is killed.
     let st = b
         .stop("b", StopOptions::graceful(Duration::from_millis(300)))
         .await
@@ -408,7 +410,10 @@ async fn orphaned_hypervisors_are_stopped_on_open() {
     assert!(st.last_error.is_some());
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!pid_alive(pid), "orphan killed");
-    b.start("orphan").await.expect("restart after recovery");
+    let st = b.start("orphan").await.expect("restart after recovery");
+    let stopped = b.stop_all(StopOptions::forced()).await;
+    assert_eq!(stopped.len(), 1);
+    assert!(!pid_alive(st.pid.expect("pid")), "stop_all stopped it");
     b.delete("orphan").await.expect("delete");
     assert_no_leftovers(data.path(), "orphan", None, &[]);
 }
