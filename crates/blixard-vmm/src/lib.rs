@@ -45,7 +45,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-/// Implement [`VmBackend`] for a struct with an `engine` field.
+/// Implement [`VmBackend`] (and the shutdown helpers) for a struct with an `engine` field.
 macro_rules! delegate_backend {
     ($t:ty) => {
         impl crate::VmBackend for $t {
@@ -132,6 +132,24 @@ macro_rules! delegate_backend {
                 name: &'a str,
             ) -> crate::BoxFuture<'a, Result<crate::HealthReport, crate::VmError>> {
                 Box::pin(self.engine.health(name))
+            }
+        }
+
+        impl $t {
+            /// Stop every active VM in parallel (node shutdown). Dropping the backend instead
+            /// leaves the hypervisors running; the next `open` of the data dir kills them.
+            pub async fn stop_all(
+                &self,
+                opts: crate::StopOptions,
+            ) -> Vec<(String, Result<crate::VmStatus, crate::VmError>)> {
+                self.engine.stop_all(opts).await
+            }
+
+            /// Remove the bridge and nft tables (when no VM needs them any more).
+            pub async fn teardown_network(&self) {
+                if let Some(n) = self.engine.network() {
+                    n.teardown().await;
+                }
             }
         }
     };

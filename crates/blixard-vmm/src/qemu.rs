@@ -296,22 +296,6 @@ impl QemuBackend {
     pub fn accelerator(&self) -> Accel {
         self.accel
     }
-
-    /// Stop every active VM in parallel (node shutdown). Dropping the backend instead
-    /// leaves the hypervisors running; the next `open` of the data dir kills them.
-    pub async fn stop_all(
-        &self,
-        opts: crate::StopOptions,
-    ) -> Vec<(String, Result<crate::VmStatus, VmError>)> {
-        self.engine.stop_all(opts).await
-    }
-
-    /// Remove the bridge and nft tables (when no VM needs them any more).
-    pub async fn teardown_network(&self) {
-        if let Some(n) = self.engine.network() {
-            n.teardown().await;
-        }
-    }
 }
 
 delegate_backend!(QemuBackend);
