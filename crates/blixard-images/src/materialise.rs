@@ -349,10 +349,11 @@ impl ImageStore {
         let nar_file = dir.join(".nar");
         for p in Self::ordered(c)? {
             self.verified_nar(hash, &p, &nar_file).await?;
-            let name = nix::store_path_name(&p.store_path)
-                .ok_or_else(|| MaterialiseError::Store { hash, detail: format!("{} is not a store path", p.store_path) })?;
-            let target = store_dir.join(format!("{}", p.store_path.trim_start_matches(nix::STORE_DIR).trim_start_matches('/')));
-            debug_assert!(target.ends_with(name) || !name.is_empty());
+            // Validated by the manifest decoder: `/nix/store/<hash>-<name>`, no `/` in the base.
+            if nix::store_path_name(&p.store_path).is_none() {
+                return Err(MaterialiseError::Store { hash, detail: format!("{} is not a store path", p.store_path) });
+            }
+            let target = store_dir.join(p.store_path.trim_start_matches(nix::STORE_DIR).trim_start_matches('/'));
             let file = nar_file.clone();
             let t2 = target.clone();
             tokio::task::spawn_blocking(move || {

@@ -83,6 +83,9 @@ pub struct ImageStoreOptions {
     pub fetch: FetchOptions,
     /// How often the blob collector looks for a requested gc run.
     pub gc_poll: Duration,
+    /// Blobs (and outboards) up to this size are kept inside the store's database instead
+    /// of one file each (iroh-blobs default: 16 KiB).
+    pub inline_max: u64,
 }
 
 impl ImageStoreOptions {
@@ -93,6 +96,7 @@ impl ImageStoreOptions {
             chunking: ChunkParams::default(),
             fetch: FetchOptions::default(),
             gc_poll: Duration::from_millis(200),
+            inline_max: 16 * 1024,
         }
     }
 }
@@ -212,6 +216,10 @@ impl ImageStore {
         let gc = GcControl::new();
         let cb_gc = gc.clone();
         let mut fs_opts = FsOptions::new(&blobs_dir);
+        fs_opts.inline = iroh_blobs::store::fs::options::InlineOptions {
+            max_data_inlined: opts.inline_max,
+            max_outboard_inlined: opts.inline_max,
+        };
         fs_opts.gc = Some(GcConfig {
             interval: opts.gc_poll,
             add_protected: Some(Arc::new(move |live: &mut HashSet<Hash>| {

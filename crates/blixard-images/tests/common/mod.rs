@@ -107,19 +107,14 @@ impl ProtocolHandler for CorruptingProxy {
                 }
                 let mut buf = vec![0u8; 64 * 1024];
                 let mut offset = 0usize;
-                loop {
-                    match urecv.read(&mut buf).await {
-                        Ok(Some(n)) => {
-                            let chunk = &mut buf[..n];
-                            if offset <= 4000 && offset + n > 4000 {
-                                chunk[4000 - offset] ^= 0x55;
-                            }
-                            offset += n;
-                            if send.write_all(chunk).await.is_err() {
-                                return;
-                            }
-                        }
-                        _ => break,
+                while let Ok(Some(n)) = urecv.read(&mut buf).await {
+                    let chunk = &mut buf[..n];
+                    if offset <= 4000 && offset + n > 4000 {
+                        chunk[4000 - offset] ^= 0x55;
+                    }
+                    offset += n;
+                    if send.write_all(chunk).await.is_err() {
+                        return;
                     }
                 }
                 let _ = send.finish();
