@@ -155,8 +155,8 @@ fn main() -> ExitCode {
         jobs
     );
     println!(
-        "simulated:       {hours:.2} h ({:.2} simulated h per wall s)",
-        hours / wall.max(1e-9)
+        "simulated:       {hours:.2} h ({:.0} simulated s per wall s)",
+        sim_ms as f64 / 1000.0 / wall.max(1e-9)
     );
     println!(
         "wall:            {wall:.1} s ({:.2} seeds/s)",

@@ -253,7 +253,9 @@ impl RaftNetwork<SimConfig> for SimClient {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, RaftNode, RaftError<u64>>> {
-        self.world
+        let asked = rpc.vote;
+        let result = self
+            .world
             .rpc(
                 self.from,
                 self.to,
@@ -262,6 +264,14 @@ impl RaftNetwork<SimConfig> for SimClient {
                 option.hard_ttl(),
                 |raft: Raft, rpc| async move { raft.vote(rpc).await },
             )
-            .await
+            .await;
+        if let Ok(r) = &result {
+            let (from, to) = (self.from, self.to);
+            self.world.lock().event(format_args!(
+                "vote n{from}<-n{to} asked {asked} granted {} their vote {}",
+                r.vote_granted, r.vote
+            ));
+        }
+        result
     }
 }
