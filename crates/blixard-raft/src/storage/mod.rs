@@ -7,12 +7,16 @@
 //! - `raft_snapshot`: `"meta"` → postcard `SnapshotMeta`, `"data"` → the snapshot bytes (a
 //!   postcard [`SnapshotBlob`]). Both rows are written in one transaction.
 //!
-//! Durability: every write to the log, the vote, a purge, a truncation or a snapshot is a
-//! redb write transaction committed with [`Durability::Immediate`] (fsync'd) before the call
-//! returns, and `append` reports the entries flushed only after that commit. The committed
-//! log id is the exception: it is written with [`Durability::None`] and becomes durable with
-//! the next fsync'd commit. Losing it in a crash is safe: openraft then re-applies fewer
-//! entries on restart and learns the commit index again from the leader.
+//! Durability: every write to the vote, a purge, a truncation or a snapshot is a redb write
+//! transaction committed with [`Durability::Immediate`] (fsync'd) before the call returns.
+//! Log appends use group commit (see [`LogStore`]): `append` puts the encoded entries in an
+//! in-memory buffer readable by every log reader and returns at once; a flusher thread
+//! writes everything buffered in one fsync'd commit and only then reports the entries
+//! flushed to openraft, so many appends share one fsync. With
+//! [`OpenOptions::inline_io`] (the simulator) `append` commits before returning instead.
+//! The committed log id is the exception: it is written with [`Durability::None`] and
+//! becomes durable with the next fsync'd commit. Losing it in a crash is safe: openraft then
+//! re-applies fewer entries on restart and learns the commit index again from the leader.
 //!
 //! The applied [`ClusterState`](blixard_state::ClusterState) lives in memory only
 //! ([`StateMachineStore::shared`]); it becomes durable through snapshots. On open, the
@@ -135,6 +139,10 @@ pub(crate) enum DbError {
     Task(String),
     #[error("the in-memory state machine lock is poisoned")]
     Poisoned,
+    #[error("the lock on the unflushed raft log entries is poisoned")]
+    LogPoisoned,
+    #[error("the raft log flusher thread is gone")]
+    FlusherGone,
 }
 
 macro_rules! redb_into_db_error {

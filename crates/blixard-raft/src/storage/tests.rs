@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use blixard_types::command::NodeInfo;
 use blixard_types::{ClusterId, Command, CommandResult, NodeId, Request, Role};
@@ -86,6 +87,41 @@ fn open_test(path: &Path) -> (TLog, TSm) {
     open_with::<TestConfig>(path).unwrap()
 }
 
+fn open_mode(path: &Path, inline_io: bool) -> (TLog, TSm) {
+    open_with_options::<TestConfig>(path, OpenOptions::default().inline_io(inline_io)).unwrap()
+}
+
+/// What a group-commit callback saw: its result, and whether its entries were then in the
+/// database (committed, not merely pending).
+type Flushed = (std::io::Result<()>, bool);
+
+/// A group-committed append whose callback is not awaited: returns where it reports.
+fn enqueue(log: &mut TLog, entries: Vec<TEntry>) -> mpsc::Receiver<Flushed> {
+    let (tx, rx) = mpsc::channel();
+    let db = log.db().clone();
+    let idx = indexes(&entries);
+    let rows = entries.into_iter().map(|e| (e.log_id, encode("log entry", &e).unwrap())).collect();
+    let done = Box::new(move |result: std::io::Result<()>| {
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(LOG).unwrap();
+        let on_disk = idx.iter().all(|&i| table.get(i).unwrap().is_some());
+        let _ = tx.send((result, on_disk));
+    });
+    log.enqueue(rows, done).unwrap();
+    rx
+}
+
+fn flushed(rx: &mpsc::Receiver<Flushed>) -> Flushed {
+    rx.recv_timeout(Duration::from_secs(30)).unwrap()
+}
+
+/// Log indexes stored in the database itself (not the pending buffer).
+fn db_indexes(db: &redb::Database) -> Vec<u64> {
+    let txn = db.begin_read().unwrap();
+    let table = txn.open_table(LOG).unwrap();
+    table.iter().unwrap().map(|r| r.unwrap().0.value()).collect()
+}
+
 async fn all_entries(log: &mut TLog) -> Vec<TEntry> {
     log.try_get_log_entries(..).await.unwrap()
 }
@@ -107,21 +143,142 @@ fn error_text(e: &StorageError<u64>) -> String {
 
 // ---- 1. openraft's conformance suite ----
 
-struct RedbStoreBuilder;
+struct RedbStoreBuilder {
+    inline_io: bool,
+}
 
 impl StoreBuilder<TestConfig, TLog, TSm, TempDir> for RedbStoreBuilder {
     async fn build(&self) -> Result<(TempDir, TLog, TSm), StorageError<u64>> {
         let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
-        let (log, sm) =
-            open_with::<TestConfig>(&db_path(&dir)).map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
+        let options = OpenOptions::default().inline_io(self.inline_io);
+        let (log, sm) = open_with_options::<TestConfig>(&db_path(&dir), options)
+            .map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
         Ok((dir, log, sm))
     }
 }
 
 #[test]
-fn storage_passes_openraft_suite() {
+fn storage_passes_openraft_suite_with_group_commit() {
     // The suite makes its own tokio runtime per case, so this is a plain #[test].
-    Suite::test_all(RedbStoreBuilder).unwrap();
+    Suite::test_all(RedbStoreBuilder { inline_io: false }).unwrap();
+}
+
+#[test]
+fn storage_passes_openraft_suite_with_inline_io() {
+    Suite::test_all(RedbStoreBuilder { inline_io: true }).unwrap();
+}
+
+// ---- 1b. group commit ----
+
+#[tokio::test]
+async fn storage_group_commit_batches_appends_and_reports_only_durable_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    const N: u64 = 100;
+    {
+        let (mut log, _sm) = open_test(&path);
+        // The flusher is held: every append queues up behind it.
+        let resume = log.pause_flusher();
+        let rxs: Vec<_> = (1..=N).map(|i| enqueue(&mut log, vec![blank(1, i)])).collect();
+        assert!(db_indexes(log.db()).is_empty(), "nothing is written while the flusher is held");
+        assert!(rxs.iter().all(|rx| rx.try_recv().is_err()), "no append is reported before it is written");
+        assert_eq!(indexes(&all_entries(&mut log).await), (1..=N).collect::<Vec<_>>());
+        resume();
+        for rx in &rxs {
+            let (result, on_disk) = flushed(rx);
+            result.unwrap();
+            assert!(on_disk, "a callback fired before its entries were committed");
+        }
+        assert!((1..=2).contains(&log.flush_commits()), "{} commits for {N} appends", log.flush_commits());
+
+        // Free-running: appends far outpace fsyncs, so they still share commits.
+        let before = log.flush_commits();
+        let rxs: Vec<_> = (N + 1..=5 * N).map(|i| enqueue(&mut log, vec![blank(1, i)])).collect();
+        for rx in &rxs {
+            let (result, on_disk) = flushed(rx);
+            result.unwrap();
+            assert!(on_disk);
+        }
+        let commits = log.flush_commits() - before;
+        assert!(commits < 2 * N, "{commits} commits for {} appends", 4 * N);
+        println!("group commit: {} appends in {commits} fsync'd commits", 4 * N);
+    }
+    // Everything reported is on disk after a reopen.
+    let (mut log, _sm) = open_test(&path);
+    assert_eq!(indexes(&all_entries(&mut log).await), (1..=5 * N).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn storage_appended_entries_are_readable_before_they_are_flushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = open_test(&db_path(&dir));
+    log.blocking_append((1..=3).map(|i| blank(1, i))).await.unwrap();
+    let mut reader = log.get_log_reader().await;
+    let resume = log.pause_flusher();
+    let rx = enqueue(&mut log, vec![normal(1, 4, ticket(4)), blank(1, 5)]);
+    assert_eq!(db_indexes(log.db()), vec![1, 2, 3]);
+    assert!(rx.try_recv().is_err());
+    // Visible to the store, to a reader made before, and in the log state.
+    assert_eq!(indexes(&all_entries(&mut log).await), vec![1, 2, 3, 4, 5]);
+    assert_eq!(reader.try_get_log_entries(4..).await.unwrap(), vec![normal(1, 4, ticket(4)), blank(1, 5)]);
+    assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(log_id(1, 5)));
+    // Pending entries win over the database for the same index (a truncated, re-appended
+    // suffix waiting for its flush).
+    resume();
+    assert!(flushed(&rx).1);
+    log.truncate(log_id(1, 5)).await.unwrap();
+    let resume = log.pause_flusher();
+    let rx = enqueue(&mut log, vec![blank(2, 5)]);
+    assert_eq!(reader.try_get_log_entries(5..=5).await.unwrap(), vec![blank(2, 5)]);
+    assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(log_id(2, 5)));
+    resume();
+    assert!(flushed(&rx).1);
+    assert_eq!(reader.try_get_log_entries(5..).await.unwrap(), vec![blank(2, 5)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_truncate_while_flushing_never_brings_entries_back() {
+    for round in 0..30u32 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir);
+        {
+            let (mut log, _sm) = open_test(&path);
+            log.blocking_append((1..=5).map(|i| blank(1, i))).await.unwrap();
+            // A reader checking for holes all along.
+            let mut reader = log.get_log_reader().await;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stop2 = stop.clone();
+            let watcher = tokio::spawn(async move {
+                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    let got = indexes(&reader.try_get_log_entries(..).await.unwrap());
+                    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "hole in {got:?}");
+                    assert_eq!(got.first(), Some(&1));
+                    tokio::task::yield_now().await;
+                }
+            });
+            let rx_old = enqueue(&mut log, (6..=10).map(|i| blank(1, i)).collect());
+            // Let the flusher get nowhere, part way, or through its commit.
+            match round % 3 {
+                0 => {}
+                1 => std::thread::yield_now(),
+                _ => std::thread::sleep(Duration::from_micros(u64::from(round) * 50)),
+            }
+            log.truncate(log_id(1, 8)).await.unwrap();
+            assert!(db_indexes(log.db()).iter().all(|&i| i < 8), "round {round}");
+            assert_eq!(indexes(&all_entries(&mut log).await), (1..=7).collect::<Vec<_>>());
+            // The queued callback still fires; what it flushed excludes the truncated entries.
+            flushed(&rx_old).0.unwrap();
+            assert_eq!(db_indexes(log.db()), (1..=7).collect::<Vec<_>>(), "round {round}");
+            let rx_new = enqueue(&mut log, vec![blank(2, 8), blank(2, 9)]);
+            assert!(flushed(&rx_new).1);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            watcher.await.unwrap();
+        }
+        let (mut log, _sm) = open_test(&path);
+        let got: Vec<TLogId> = all_entries(&mut log).await.iter().map(|e| e.log_id).collect();
+        let want: Vec<TLogId> = (1..=7).map(|i| log_id(1, i)).chain([log_id(2, 8), log_id(2, 9)]).collect();
+        assert_eq!(got, want, "round {round}");
+    }
 }
 
 // ---- 2. durability across reopen ----
@@ -570,7 +727,8 @@ async fn storage_append_latency_with_type_config() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { n: u8, new_term: bool },
+    /// `wait`: await the flush (always, with inline I/O); otherwise leave the callback queued.
+    Append { n: u8, new_term: bool, wait: bool },
     Truncate(u16),
     Purge(u16),
     Reopen,
@@ -578,7 +736,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (1u8..6, any::<bool>()).prop_map(|(n, new_term)| Op::Append { n, new_term }),
+        4 => (1u8..6, any::<bool>(), any::<bool>()).prop_map(|(n, new_term, wait)| Op::Append { n, new_term, wait }),
         2 => any::<u16>().prop_map(Op::Truncate),
         2 => any::<u16>().prop_map(Op::Purge),
         1 => Just(Op::Reopen),
@@ -634,14 +792,24 @@ async fn check(log: &mut TLog, model: &Model) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-async fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
+/// Every queued callback fired, successfully.
+fn all_flushed(queued: &mut Vec<mpsc::Receiver<Flushed>>) -> Result<(), TestCaseError> {
+    for rx in queued.drain(..) {
+        let (result, _) = flushed(&rx);
+        prop_assert!(result.is_ok(), "{:?}", result);
+    }
+    Ok(())
+}
+
+async fn run_ops(ops: Vec<Op>, inline_io: bool) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
-    let (mut log, mut sm) = open_test(&path);
+    let (mut log, mut sm) = open_mode(&path, inline_io);
     let mut model = Model { term: 1, ..Model::default() };
+    let mut queued = Vec::new();
     for op in ops {
         match op {
-            Op::Append { n, new_term } => {
+            Op::Append { n, new_term, wait } => {
                 if new_term {
                     model.term += 1;
                 }
@@ -652,7 +820,11 @@ async fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 for e in &entries {
                     model.log.insert(e.log_id.index, e.log_id);
                 }
-                log.blocking_append(entries).await.unwrap();
+                if wait || inline_io {
+                    log.blocking_append(entries).await.unwrap();
+                } else {
+                    queued.push(enqueue(&mut log, entries));
+                }
             }
             Op::Truncate(pick) => {
                 let (lo, hi) = (model.floor(), model.next_index());
@@ -670,14 +842,19 @@ async fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 log.purge(id).await.unwrap();
             }
             Op::Reopen => {
+                // Dropping the store flushes what is queued, and reports it.
                 drop((log, sm));
-                (log, sm) = open_test(&path);
+                all_flushed(&mut queued)?;
+                (log, sm) = open_mode(&path, inline_io);
             }
         }
         check(&mut log, &model).await?;
     }
-    drop(sm);
-    Ok(())
+    drop((log, sm));
+    all_flushed(&mut queued)?;
+    // What the model holds is what is on disk.
+    let (mut log, _sm) = open_mode(&path, inline_io);
+    check(&mut log, &model).await
 }
 
 proptest! {
@@ -686,6 +863,12 @@ proptest! {
     #[test]
     fn storage_log_matches_model(ops in prop::collection::vec(op(), 1..40)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(run_ops(ops))?;
+        rt.block_on(run_ops(ops, false))?;
+    }
+
+    #[test]
+    fn storage_log_matches_model_with_inline_io(ops in prop::collection::vec(op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run_ops(ops, true))?;
     }
 }
