@@ -105,11 +105,7 @@ impl NodeCtx {
 
     /// Addresses of a member from Raft state, falling back to what the join ticket said.
     pub fn addrs_of(&self, id: &NodeId) -> Vec<SocketAddr> {
-        if let Some(n) = self.state.read().unwrap_or_else(|p| p.into_inner()).state.nodes.get(id) {
-            return n.addrs.clone();
-        }
-        let peers = self.join_peers.read().unwrap_or_else(|p| p.into_inner());
-        peers.iter().find(|p| p.id == *id).map(|p| p.addrs.clone()).unwrap_or_default()
+        addrs_of(&self.state, &self.join_peers, id)
     }
 
     pub fn cluster_id(&self) -> Option<ClusterId> {
@@ -173,38 +169,32 @@ impl NodeCtx {
     /// Applies a Raft membership change, one at a time, retrying while a previous change
     /// is still being committed.
     pub async fn change_membership(&self, change: ChangeMembers<NodeId, RaftNode>, retain: bool) -> Result<(), String> {
-        let _guard = self.membership_lock.lock().await;
-        let mut attempt = 0;
-        loop {
-            match self.raft.change_membership(change.clone(), retain).await {
-                Ok(_) => return Ok(()),
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_))))
-                    if attempt < 50 =>
-                {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+        self.membership_change(|| self.raft.change_membership(change.clone(), retain)).await
     }
 
     /// Adds a learner and waits until it caught up (serialised like other changes).
     pub async fn add_learner(&self, id: NodeId, node: RaftNode) -> Result<(), String> {
+        self.membership_change(|| self.raft.add_learner(id, node.clone(), true)).await
+    }
+
+    /// Runs one membership change under the membership lock; openraft allows one at a time,
+    /// so a change still committing is waited out (up to 5 s) instead of failing.
+    async fn membership_change<F, Fut, T>(&self, mut change: F) -> Result<(), String>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RaftError<NodeId, ClientWriteError<NodeId, RaftNode>>>>,
+    {
         let _guard = self.membership_lock.lock().await;
-        let mut attempt = 0;
-        loop {
-            match self.raft.add_learner(id, node.clone(), true).await {
+        for _ in 0..50 {
+            match change().await {
                 Ok(_) => return Ok(()),
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_))))
-                    if attempt < 50 =>
-                {
-                    attempt += 1;
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_)))) => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(e.to_string()),
             }
         }
+        Err("a previous membership change did not finish within 5 s".to_string())
     }
 
     /// Sends a client request to another member (as a member).
@@ -286,15 +276,8 @@ impl Node {
 
         let join_peers = Arc::new(RwLock::new(local.join_peers.clone()));
         let book: AddrBook = {
-            let state = state.clone();
-            let join_peers = join_peers.clone();
-            Arc::new(move |id| {
-                if let Some(n) = state.read().unwrap_or_else(|p| p.into_inner()).state.nodes.get(id) {
-                    return n.addrs.clone();
-                }
-                let peers = join_peers.read().unwrap_or_else(|p| p.into_inner());
-                peers.iter().find(|p| p.id == *id).map(|p| p.addrs.clone()).unwrap_or_default()
-            })
+            let (state, join_peers) = (state.clone(), join_peers.clone());
+            Arc::new(move |id| addrs_of(&state, &join_peers, id))
         };
         let network = Network::new(ep.clone(), book);
         let config = Arc::new(cfg.raft.clone());
@@ -473,6 +456,16 @@ impl Node {
         }
         self.ctx.endpoint.close().await;
     }
+}
+
+/// Addresses of a member from Raft state, falling back to the join ticket's members (the
+/// only ones known before this node has caught up).
+fn addrs_of(state: &SharedState, join_peers: &RwLock<Vec<PeerAddr>>, id: &NodeId) -> Vec<SocketAddr> {
+    if let Some(n) = state.read().unwrap_or_else(|p| p.into_inner()).state.nodes.get(id) {
+        return n.addrs.clone();
+    }
+    let peers = join_peers.read().unwrap_or_else(|p| p.into_inner());
+    peers.iter().find(|p| p.id == *id).map(|p| p.addrs.clone()).unwrap_or_default()
 }
 
 /// Removes what a failed first join left behind (the empty raft store, the ticket's
