@@ -71,12 +71,8 @@ async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<Cli
             if ctx.leader().await? != ctx.id {
                 return Ok(ClientResponse::Error(ApiError::NoLeader));
             }
-            let started = std::time::Instant::now();
-            return match ctx.raft.client_write(r).await {
-                Ok(w) => {
-                    ctx.metrics.observe_apply(started.elapsed());
-                    Ok(result_response(w.data))
-                }
+            return match ctx.write_here(r).await {
+                Ok(data) => Ok(result_response(data)),
                 Err(e) => Err(ApiError::Internal(e.to_string())),
             };
         }
@@ -129,14 +125,11 @@ async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<Cli
             let node = resolve(ctx, &node)?;
             remove_node(ctx, caller, node).await
         }
+        // Answered or refused above.
         ClientRequest::NodeStatus { .. } | ClientRequest::Propose(_) | ClientRequest::Forwarded { .. } => {
-            unreachable_request()
+            Err(ApiError::Invalid("nested forwarding".into()))
         }
     }
-}
-
-fn unreachable_request() -> Result<ClientResponse, ApiError> {
-    Err(ApiError::Invalid("nested forwarding".into()))
 }
 
 fn result_response(r: CommandResult) -> ClientResponse {

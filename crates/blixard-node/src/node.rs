@@ -140,12 +140,8 @@ impl NodeCtx {
         for _ in 0..3 {
             let leader = self.leader().await?;
             if leader == self.id {
-                let started = std::time::Instant::now();
-                match self.raft.client_write(req.clone()).await {
-                    Ok(r) => {
-                        self.metrics.observe_apply(started.elapsed());
-                        return Ok(r.data);
-                    }
+                match self.write_here(req.clone()).await {
+                    Ok(data) => return Ok(data),
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                         last = ApiError::NoLeader;
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -195,6 +191,17 @@ impl NodeCtx {
             }
         }
         Err("a previous membership change did not finish within 5 s".to_string())
+    }
+
+    /// Proposes on this node (it must be the leader) and records the apply latency.
+    pub async fn write_here(
+        &self,
+        req: Request,
+    ) -> Result<CommandResult, RaftError<NodeId, ClientWriteError<NodeId, RaftNode>>> {
+        let started = std::time::Instant::now();
+        let w = self.raft.client_write(req).await?;
+        self.metrics.observe_apply(started.elapsed());
+        Ok(w.data)
     }
 
     /// Sends a client request to another member (as a member).
