@@ -255,6 +255,26 @@ impl ImageStore {
         BlobsProtocol::new(&self.inner.store, None)
     }
 
+    /// [`Self::protocol_handler`] that also counts the payload bytes it sends (a push's
+    /// progress, seen from the pushing side).
+    pub fn protocol_handler_counting(&self) -> (BlobsProtocol, Arc<AtomicU64>) {
+        use iroh_blobs::provider::events::{EventMask, EventSender, ProviderMessage, ThrottleMode};
+        let sent = Arc::new(AtomicU64::new(0));
+        let mask = EventMask { throttle: ThrottleMode::Intercept, ..EventMask::DEFAULT };
+        let (events, mut rx) = EventSender::channel(64, mask);
+        let counter = sent.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                // Throttle is asked once per sent chunk with its size; never throttle.
+                if let ProviderMessage::Throttle(m) = msg {
+                    counter.fetch_add(m.inner.size, Ordering::Relaxed);
+                    let _ = m.tx.send(Ok(())).await;
+                }
+            }
+        });
+        (BlobsProtocol::new(&self.inner.store, Some(events)), sent)
+    }
+
     /// The underlying iroh-blobs store (for tests and tools).
     pub fn blobs(&self) -> &iroh_blobs::api::Store {
         &self.inner.store

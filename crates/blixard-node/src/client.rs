@@ -63,10 +63,15 @@ impl Client {
     /// Sends `req` to the first member that answers; authorises this key with the ticket
     /// if the cluster does not know it yet.
     pub async fn request(&self, req: &ClientRequest) -> Result<ClientResponse, ClientError> {
-        match self.try_peers(req).await {
+        self.request_timeout(req, REQUEST_TIMEOUT).await
+    }
+
+    /// [`Self::request`] for requests that take long (a push waits for the whole upload).
+    pub async fn request_timeout(&self, req: &ClientRequest, timeout: Duration) -> Result<ClientResponse, ClientError> {
+        match self.try_peers(req, timeout).await {
             Err(ClientError::Refused(_)) => {
                 self.authorize().await?;
-                self.try_peers(req).await
+                self.try_peers(req, timeout).await
             }
             other => other,
         }
@@ -77,20 +82,21 @@ impl Client {
         &self,
         pool: &Pool,
         req: &Req,
+        timeout: Duration,
     ) -> Result<Resp, ClientError> {
         let peers: Vec<_> = self.ticket.peers.iter().map(|p| (p.id, p.addrs.clone())).collect();
         let (peer, conn) = pool
             .connect_any(&peers, CONNECT_STAGGER, CONNECT_TIMEOUT)
             .await
             .map_err(|e| ClientError::Unreachable(e.to_string()))?;
-        pool.call_conn(peer, &conn, req, REQUEST_TIMEOUT).await.map_err(|e| match e {
+        pool.call_conn(peer, &conn, req, timeout).await.map_err(|e| match e {
             RpcError::Refused { reason, .. } => ClientError::Refused(reason),
             other => ClientError::Unreachable(other.to_string()),
         })
     }
 
-    async fn try_peers(&self, req: &ClientRequest) -> Result<ClientResponse, ClientError> {
-        match self.send(&self.api, req).await? {
+    async fn try_peers(&self, req: &ClientRequest, timeout: Duration) -> Result<ClientResponse, ClientError> {
+        match self.send(&self.api, req, timeout).await? {
             ClientResponse::Error(e) => Err(e.into()),
             r => Ok(r),
         }
@@ -99,11 +105,32 @@ impl Client {
     async fn authorize(&self) -> Result<(), ClientError> {
         let pool = Pool::new(self.endpoint.clone(), alpn::JOIN);
         let req = JoinRequest::Client { ticket: self.ticket.clone() };
-        match self.send(&pool, &req).await? {
+        match self.send(&pool, &req, REQUEST_TIMEOUT).await? {
             JoinResponse::Authorized { .. } => Ok(()),
             JoinResponse::Refused(reason) => Err(ClientError::Refused(reason)),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// The CLI's endpoint (a push serves the image's blobs on it).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Addresses a cluster member can dial this endpoint on (loopback included when bound
+    /// to all interfaces, so a node on the same host always can).
+    pub fn dialable_addrs(&self) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = self.endpoint.addr().ip_addrs().copied().collect();
+        for s in self.endpoint.bound_sockets() {
+            if s.ip().is_unspecified() && s.is_ipv4() {
+                v.push(SocketAddr::from((Ipv4Addr::LOCALHOST, s.port())));
+            } else if !s.ip().is_unspecified() {
+                v.push(s);
+            }
+        }
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// Closes the endpoint (lets the peer know at once instead of timing out). Bounded: a

@@ -58,6 +58,20 @@ fn kind(req: &ClientRequest) -> &'static str {
         ClientRequest::RemoveNode { .. } => "remove-node",
         ClientRequest::Label { .. } => "label",
         ClientRequest::NodeStatus { .. } => "node-status",
+        ClientRequest::ImagePush { .. } => "image-push",
+        ClientRequest::ImageList => "image-list",
+        ClientRequest::ImageInfo { .. } => "image-info",
+        ClientRequest::ImageRemove { .. } => "image-remove",
+        ClientRequest::ImageGc { .. } => "image-gc",
+        ClientRequest::ImagePull { .. } => "image-pull",
+        ClientRequest::VmCreate { .. } => "vm-create",
+        ClientRequest::VmSetDesired { .. } => "vm-set-desired",
+        ClientRequest::VmReboot { .. } => "vm-reboot",
+        ClientRequest::VmDelete { .. } => "vm-delete",
+        ClientRequest::VmInfo { .. } => "vm-info",
+        ClientRequest::VmList => "vm-list",
+        ClientRequest::VmLogs { .. } => "vm-logs",
+        ClientRequest::NodeDrain { .. } => "node-drain",
         ClientRequest::Propose(_) => "propose",
         ClientRequest::Forwarded { .. } => "forwarded",
     }
@@ -85,12 +99,12 @@ async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<Cli
     if matches!(req, ClientRequest::Propose(_) | ClientRequest::Forwarded { .. }) {
         return Err(ApiError::Invalid("nested forwarding".into()));
     }
-    if let ClientRequest::NodeStatus { node } = &req {
-        let target = resolve(ctx, node)?;
+    // Requests one particular node answers (not the leader).
+    if let Some(target) = answered_by(ctx, &req)? {
         if target != ctx.id {
             return ctx.forward(target, ClientRequest::Forwarded { origin: caller, request: Box::new(req) }).await;
         }
-        return Ok(ClientResponse::Node(node_status(ctx)));
+        return crate::api_local::handle(ctx, caller, req).await;
     }
     // Forward to the leader; if it does not answer, leadership may be moving: look again.
     let mut attempts = 0;
@@ -125,25 +139,39 @@ async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<Cli
             let node = resolve(ctx, &node)?;
             remove_node(ctx, caller, node).await
         }
-        // Answered or refused above.
-        ClientRequest::NodeStatus { .. } | ClientRequest::Propose(_) | ClientRequest::Forwarded { .. } => {
-            Err(ApiError::Invalid("nested forwarding".into()))
-        }
+        other => crate::api_leader::handle(ctx, caller, other).await,
     }
 }
 
-fn result_response(r: CommandResult) -> ClientResponse {
+/// The node that must answer `req` itself, if it is not the leader's to answer: node
+/// status and pulls go to the named node, logs to the VM's node, pushes and cluster-wide
+/// gc are answered by whichever node received them.
+fn answered_by(ctx: &NodeCtx, req: &ClientRequest) -> Result<Option<NodeId>, ApiError> {
+    Ok(match req {
+        ClientRequest::NodeStatus { node } | ClientRequest::ImagePull { node, .. } => Some(resolve(ctx, node)?),
+        ClientRequest::ImageGc { node: Some(node) } => Some(resolve(ctx, node)?),
+        ClientRequest::ImageGc { node: None } | ClientRequest::ImagePush { .. } => Some(ctx.id),
+        ClientRequest::VmLogs { name, .. } => {
+            let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
+            let vm = st.state.vms.get(name).ok_or_else(|| refused(Refusal::UnknownVm(name.clone())))?;
+            Some(vm.node.ok_or_else(|| ApiError::Invalid(format!("VM {name:?} is not placed on a node yet")))?)
+        }
+        _ => None,
+    })
+}
+
+pub(crate) fn result_response(r: CommandResult) -> ClientResponse {
     match r {
         CommandResult::Ok => ClientResponse::Ok,
         CommandResult::Refused(r) => ClientResponse::Error(refused(r)),
     }
 }
 
-async fn write(ctx: &NodeCtx, by: NodeId, cmd: Command) -> Result<ClientResponse, ApiError> {
+pub(crate) async fn write(ctx: &NodeCtx, by: NodeId, cmd: Command) -> Result<ClientResponse, ApiError> {
     Ok(result_response(ctx.propose(by, cmd).await?))
 }
 
-fn resolve(ctx: &NodeCtx, prefix: &str) -> Result<NodeId, ApiError> {
+pub(crate) fn resolve(ctx: &NodeCtx, prefix: &str) -> Result<NodeId, ApiError> {
     let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
     st.state.resolve_node(prefix).map_err(|e| match e {
         blixard_state::ResolveError::NoMatch => ApiError::NoSuchNode(prefix.into()),
@@ -190,7 +218,7 @@ pub async fn issue_ticket(ctx: &NodeCtx, by: NodeId, role: Role, expires_at_ms: 
 }
 
 /// This node's own view (no leader involved, so it may be stale: that is the point).
-fn node_status(ctx: &NodeCtx) -> NodeStatus {
+pub(crate) fn node_status(ctx: &NodeCtx) -> NodeStatus {
     let m = ctx.raft.metrics().borrow().clone();
     let applied = ctx.state.read().unwrap_or_else(|p| p.into_inner());
     let digest = blake3::hash(&postcard::to_stdvec(&applied.state).unwrap_or_default());
@@ -220,12 +248,17 @@ fn node_status(ctx: &NodeCtx) -> NodeStatus {
     }
 }
 
-/// The cluster as the leader sees it, after confirming leadership (linearizable).
-async fn status(ctx: &NodeCtx) -> Result<ClusterStatus, ApiError> {
-    ctx.raft.ensure_linearizable().await.map_err(|e| match e {
+/// Confirms this node is still the leader with a quorum, so what it reads next is current.
+pub(crate) async fn linearizable(ctx: &NodeCtx) -> Result<(), ApiError> {
+    ctx.raft.ensure_linearizable().await.map(|_| ()).map_err(|e| match e {
         openraft::error::RaftError::APIError(_) => ApiError::NoLeader,
         other => ApiError::Internal(other.to_string()),
-    })?;
+    })
+}
+
+/// The cluster as the leader sees it, after confirming leadership (linearizable).
+async fn status(ctx: &NodeCtx) -> Result<ClusterStatus, ApiError> {
+    linearizable(ctx).await?;
     let metrics = ctx.raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership().clone();
     let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();

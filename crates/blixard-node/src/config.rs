@@ -36,6 +36,8 @@ pub struct NodeConfig {
     pub metrics: Option<SocketAddr>,
     /// How long a node may be dead before its VMs are placed elsewhere.
     pub placement_grace: std::time::Duration,
+    /// Which VM backends to run.
+    pub backend: crate::executor::BackendChoice,
 }
 
 impl NodeConfig {
@@ -50,6 +52,7 @@ impl NodeConfig {
             raft: blixard_raft::storage::default_config(),
             metrics: None,
             placement_grace: crate::placer::GRACE,
+            backend: Default::default(),
         }
     }
 }

@@ -48,7 +48,7 @@ fn own_report(ctx: &NodeCtx, seq: u64) -> NodeHealth {
             disk_gib: cap.disk_gib.saturating_sub(used.disk_gib),
         },
         vms_running,
-        images: Vec::new(),
+        images: ctx.images.held().into_iter().collect(),
     }
 }
 

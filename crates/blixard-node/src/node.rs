@@ -28,6 +28,8 @@ use crate::now_ms;
 
 /// How long RPCs between members may take before they count as failed.
 pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a guest gets to power off when its node shuts down.
+pub const VM_STOP_ON_SHUTDOWN: Duration = Duration::from_secs(5);
 /// How long a request waits for a leader to be elected before giving up.
 pub(crate) const LEADER_WAIT: Duration = Duration::from_secs(5);
 
@@ -54,6 +56,10 @@ pub enum StartError {
     NotMember(String),
     #[error("the ticket is a client ticket; a node needs a voter or learner ticket (`blixard cluster ticket --role voter`)")]
     ClientTicket,
+    #[error("cannot open the image store")]
+    Images(#[source] blixard_images::OpenError),
+    #[error("cannot open the VM backends")]
+    Vmm(#[source] blixard_vmm::VmError),
     #[error("join failed: {0}")]
     Join(String),
     #[error("bootstrap failed: {0}")]
@@ -78,14 +84,21 @@ pub struct NodeCtx {
     pub liveness: Arc<std::sync::Mutex<crate::liveness::Detector>>,
     /// How long a node may be dead before its VMs are placed elsewhere.
     pub placement_grace: Duration,
+    /// This node's images.
+    pub images: Arc<crate::images::NodeImages>,
+    /// This node's VM backends.
+    pub backends: Arc<crate::executor::Backends>,
 }
 
 impl NodeCtx {
     /// Whether `id` is alive as far as this node knows (itself always is).
     pub fn is_alive(&self, id: &NodeId) -> bool {
-        *id == self.id
-            || self.liveness.lock().unwrap_or_else(|p| p.into_inner()).liveness(id, std::time::Instant::now())
-                == crate::liveness::Liveness::Alive
+        self.is_alive_locked(&self.liveness.lock().unwrap_or_else(|p| p.into_inner()), id)
+    }
+
+    /// `is_alive` for a caller already holding the detector.
+    pub(crate) fn is_alive_locked(&self, d: &crate::liveness::Detector, id: &NodeId) -> bool {
+        *id == self.id || d.liveness(id, std::time::Instant::now()) == crate::liveness::Liveness::Alive
     }
 
     /// `alive`, `suspect`, `dead` or `unknown` (itself: `alive`).
@@ -269,7 +282,7 @@ impl Node {
             secret_key: key.clone(),
             listen,
             relay: cfg.relay.clone(),
-            alpns: alpn::ALL.iter().map(|a| a.to_vec()).collect(),
+            alpns: alpn::ALL.iter().chain([&blixard_images::ALPN]).map(|a| a.to_vec()).collect(),
             lookup: Some(lookup.clone()),
         })
         .await?;
@@ -287,6 +300,13 @@ impl Node {
             Arc::new(move |id| addrs_of(&state, &join_peers, id))
         };
         let network = Network::new(ep.clone(), book);
+        let images = Arc::new(
+            crate::images::NodeImages::open(&dir.path().join("images"), ep.clone()).await.map_err(StartError::Images)?,
+        );
+        let capacity = blixard_vmm::Capacity { vcpus: cfg.resources.cpus, memory_mib: cfg.resources.memory_mib };
+        let backends = Arc::new(
+            crate::executor::Backends::open(&dir.path().join("vmm"), capacity, cfg.backend).await.map_err(StartError::Vmm)?,
+        );
         let config = Arc::new(cfg.raft.clone());
         let raft = Raft::new(id, config, network, log_store, sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
 
@@ -301,6 +321,8 @@ impl Node {
             metrics: Default::default(),
             liveness: Default::default(),
             placement_grace: cfg.placement_grace,
+            images: images.clone(),
+            backends: backends.clone(),
         };
 
         let members: Authorizer = {
@@ -323,15 +345,17 @@ impl Node {
         let gossip = iroh_gossip::Gossip::builder().max_message_size(64 * 1024).spawn(ep.clone());
         let router = Router::builder(ep.clone())
             .accept(alpn::GOSSIP, Gate::new("gossip", members.clone(), gossip.clone()))
-            .accept(alpn::RAFT, Gate::new("raft", members, RaftService::new(raft.clone())))
+            .accept(alpn::RAFT, Gate::new("raft", members.clone(), RaftService::new(raft.clone())))
             .accept(alpn::CLIENT, Gate::new("client", clients, ClientService::new(ctx.clone())))
             .accept(alpn::JOIN, JoinService::new(ctx.clone()))
+            .accept(blixard_images::ALPN, Gate::new("blobs", members.clone(), images.store.protocol_handler()))
             .spawn();
 
         let mut tasks = vec![
             tokio::spawn(crate::metrics::watch_leader(ctx.clone(), ctx.metrics.clone())).abort_handle(),
             tokio::spawn(crate::health::run(ctx.clone(), key, gossip, lookup, ctx.liveness.clone())).abort_handle(),
             tokio::spawn(crate::placer::run(ctx.clone())).abort_handle(),
+            tokio::spawn(crate::executor::Executor::new(ctx.clone(), images, backends).run()).abort_handle(),
         ];
         if let Some(addr) = cfg.metrics {
             if let Some(listener) = crate::metrics::bind(addr).await {
@@ -450,11 +474,13 @@ impl Node {
         &self.ctx
     }
 
-    /// Stops serving, shuts Raft down (flushing storage) and closes the endpoint.
+    /// Stops the VMs (guests get [`VM_STOP_ON_SHUTDOWN`] to power off), stops serving,
+    /// shuts Raft down (flushing storage) and closes the endpoint.
     pub async fn shutdown(self) {
         for t in &self.tasks {
             t.abort();
         }
+        self.ctx.backends.stop_all(VM_STOP_ON_SHUTDOWN).await;
         if let Err(e) = self.router.shutdown().await {
             warn!(error = %e, "router shutdown");
         }

@@ -54,7 +54,8 @@ pub async fn round(ctx: &NodeCtx) -> usize {
             .filter(|(_, v)| !v.deleting)
             .filter(|(_, v)| match v.node {
                 None => true,
-                Some(n) => !st.state.nodes.contains_key(&n) || lost(ctx, &n),
+                // Drained nodes hand their VMs over too.
+                Some(n) => !st.state.nodes.contains_key(&n) || lost(ctx, &n) || st.state.drained.contains(&n),
             })
             .take(PER_ROUND)
             .map(|(name, v)| (name.clone(), v.spec.clone(), v.error.clone(), v.node))
@@ -64,7 +65,7 @@ pub async fn round(ctx: &NodeCtx) -> usize {
     };
     let mut placed = 0;
     for (i, (name, spec, error, from)) in todo.into_iter().enumerate() {
-        // A VM leaving a lost node must not be placed back on it.
+        // A VM leaving a lost or drained node must not be placed back on it.
         if let Some(from) = from {
             if let Some(v) = views.iter_mut().find(|v| v.id == from) {
                 v.schedulable = false;

@@ -83,6 +83,20 @@ pub struct Memory {
     pub last_error: Option<String>,
 }
 
+impl Memory {
+    /// An operation on the VM (create, start, ...) failed: count it like a crash, so the
+    /// next attempt waits out the backoff and the VM fails for good after [`MAX_RESTARTS`].
+    pub fn record_failure(&mut self, error: String, now_ms: u64) {
+        self.last_error = Some(error);
+        self.restarts += 1;
+        if self.restarts >= MAX_RESTARTS {
+            self.gave_up = true;
+        } else {
+            self.next_restart_ms = now_ms + backoff_ms(self.restarts);
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     FetchImage(String),
@@ -150,8 +164,9 @@ fn plan_one(name: &str, w: &Wanted, o: &Observed, m: &mut Memory, now: u64, out:
         }
         return;
     }
-    // A user's new start clears a failure streak.
-    if w.desired == Desired::Running && w.recorded.state != VmState::Failed && m.gave_up {
+    // A user's new start clears a failure streak (the state machine moves a failed VM
+    // back to pending when it is started again).
+    if w.desired == Desired::Running && w.recorded.state == VmState::Pending && m.gave_up {
         *m = Memory { image: m.image.clone(), reboots_done: m.reboots_done, ..Memory::default() };
     }
     match w.desired {
@@ -190,7 +205,12 @@ fn plan_one(name: &str, w: &Wanted, o: &Observed, m: &mut Memory, now: u64, out:
                 push_report(report(VmState::Failed, m, false), out);
                 return;
             }
+            let waiting = m.next_restart_ms > now;
             match o.local {
+                None | Some(Local::Created) if waiting => {
+                    // A failed create/start waits out its backoff.
+                    push_report(report(VmState::Starting, m, false), out);
+                }
                 None => {
                     m.stopped_on_purpose = false;
                     out.push(Action::Create(n()));

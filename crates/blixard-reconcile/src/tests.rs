@@ -238,3 +238,25 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn failed_create_waits_out_the_backoff_then_gives_up() {
+    let mut m = ready();
+    let w = wanted(Desired::Running, RestartPolicy::Always, VmState::Starting);
+    let mut now = 1_000;
+    for n in 1..MAX_RESTARTS {
+        m.get_mut("web").expect("vm").record_failure("qemu not found".into(), now);
+        let a = plan(&w, &seen(None), &mut m, now + backoff_ms(n) - 1);
+        assert!(!ops(&a).contains(&"create"), "attempt {n} before its backoff");
+        now += backoff_ms(n);
+        assert_eq!(ops(&plan(&w, &seen(None), &mut m, now))[..2], ["create", "start"]);
+    }
+    m.get_mut("web").expect("vm").record_failure("qemu not found".into(), now);
+    let a = plan(&w, &seen(None), &mut m, now + 1_000_000);
+    assert_eq!(reported(&a), Some(VmState::Failed));
+    let err = a.iter().find_map(|x| match x {
+        Action::Report(_, r) => r.error.clone(),
+        _ => None,
+    });
+    assert_eq!(err.as_deref(), Some("qemu not found"));
+}

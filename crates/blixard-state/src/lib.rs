@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
+use blixard_types::image::{is_full_hash, validate_image_name, ImageKind, MIN_HASH_PREFIX};
 use blixard_types::command::{validate_label, NodeInfo, Refusal, Resources};
 use blixard_types::ticket::ticket_id;
 use blixard_scheduler::{NodeView, Policy};
@@ -16,7 +17,7 @@ use blixard_types::{ClusterId, Command, CommandResult, NodeId, Request, Role};
 use serde::{Deserialize, Serialize};
 
 /// Format version of [`ClusterState`] inside snapshots.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 
 /// A cluster member as recorded in Raft state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +65,22 @@ pub struct ClusterState {
     /// What the VMs placed on each node use: derived from `vms`, kept incrementally so
     /// that placement costs O(nodes), not O(VMs).
     pub usage: BTreeMap<NodeId, NodeUsage>,
+    /// The image catalogue, by full hash.
+    pub images: BTreeMap<String, ImageRecord>,
+    /// Image names → full hash.
+    pub image_names: BTreeMap<String, String>,
+}
+
+/// An image in the catalogue. Its bytes live in the nodes' image stores.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub size: u64,
+    pub kind: ImageKind,
+    /// The key that published it (a CLI key or a member).
+    pub publisher: NodeId,
+    pub created_at_ms: u64,
+    /// Names pointing at it.
+    pub names: BTreeSet<String>,
 }
 
 /// The sum of what the VMs placed on a node ask for.
@@ -113,7 +130,11 @@ fn decrement(map: &mut BTreeMap<String, u32>, key: &str) {
 /// A VM: what the user asked for, where it runs, and what its node last reported.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRecord {
+    /// The spec, with `image` resolved to the image's full hash when the VM was created
+    /// (a later push under the same name does not change a VM's image).
     pub spec: VmSpec,
+    /// The image reference as the user gave it (a name or a hash).
+    pub image_ref: String,
     pub desired: Desired,
     /// Deleted by the user; the record goes when its node confirms.
     pub deleting: bool,
@@ -189,6 +210,31 @@ impl ClusterState {
     /// VMs that need a placement: not deleting, and not placed on a current member.
     pub fn unplaced(&self) -> impl Iterator<Item = (&String, &VmRecord)> {
         self.vms.iter().filter(|(_, v)| !v.deleting && v.node.is_none_or(|n| !self.nodes.contains_key(&n)))
+    }
+
+    /// Resolves an image reference: a name, a full hash, or a unique hash prefix of at least
+    /// [`MIN_HASH_PREFIX`] characters. Returns the full hash.
+    pub fn resolve_image(&self, reference: &str) -> Result<String, Refusal> {
+        if let Some(h) = self.image_names.get(reference) {
+            return Ok(h.clone());
+        }
+        if self.images.contains_key(reference) {
+            return Ok(reference.to_string());
+        }
+        if reference.len() >= MIN_HASH_PREFIX && reference.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let mut hits = self.images.range(reference.to_string()..).take_while(|(h, _)| h.starts_with(reference));
+            return match (hits.next(), hits.next()) {
+                (Some((h, _)), None) => Ok(h.clone()),
+                (Some(_), Some(_)) => Err(Refusal::AmbiguousImage(reference.to_string())),
+                (None, _) => Err(Refusal::UnknownImage(reference.to_string())),
+            };
+        }
+        Err(Refusal::UnknownImage(reference.chars().take(80).collect()))
+    }
+
+    /// VMs whose image is `hash`.
+    pub fn vms_using_image<'a>(&'a self, hash: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+        self.vms.iter().filter(move |(_, v)| v.spec.image == hash).map(|(n, _)| n)
     }
 
     /// Applies one request. Deterministic; a refusal changes nothing.
@@ -284,11 +330,13 @@ impl ClusterState {
                 if self.vms.contains_key(&spec.name) {
                     return Err(Refusal::VmExists(spec.name.clone()));
                 }
+                let hash = self.resolve_image(&spec.image)?;
                 let desired = if *start { Desired::Running } else { Desired::Stopped };
                 self.vms.insert(
                     spec.name.clone(),
                     VmRecord {
-                        spec: spec.clone(),
+                        spec: VmSpec { image: hash, ..spec.clone() },
+                        image_ref: spec.image.clone(),
                         desired,
                         deleting: false,
                         node: None,
@@ -384,6 +432,50 @@ impl ClusterState {
             Command::PlacementFailed { name, reason } => {
                 let vm = self.vm_mut(name)?;
                 vm.error = Some(format!("cannot place: {reason}"));
+            }
+            Command::PublishImage { hash, size, kind, name } => {
+                if !is_full_hash(hash) {
+                    return Err(Refusal::InvalidImage(format!("{:?} is not a full image hash", hash.chars().take(80).collect::<String>())));
+                }
+                if let Some(n) = name {
+                    validate_image_name(n).map_err(Refusal::InvalidImage)?;
+                }
+                let rec = self.images.entry(hash.clone()).or_insert_with(|| ImageRecord {
+                    size: *size,
+                    kind: *kind,
+                    publisher: req.by,
+                    created_at_ms: at,
+                    names: BTreeSet::new(),
+                });
+                if let Some(n) = name {
+                    rec.names.insert(n.clone());
+                    // A name points at one image: the newest push under it.
+                    if let Some(old) = self.image_names.insert(n.clone(), hash.clone()) {
+                        if old != *hash {
+                            if let Some(o) = self.images.get_mut(&old) {
+                                o.names.remove(n);
+                            }
+                        }
+                    }
+                }
+            }
+            Command::RemoveImage { hash } => {
+                if !self.images.contains_key(hash) {
+                    return Err(Refusal::UnknownImage(hash.chars().take(80).collect()));
+                }
+                let users: Vec<&String> = self.vms_using_image(hash).take(6).collect();
+                if !users.is_empty() {
+                    let mut vms = users.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+                    if users.len() > 5 {
+                        vms.push_str(", ...");
+                    }
+                    return Err(Refusal::ImageInUse { image: hash[..12].to_string(), vms });
+                }
+                if let Some(rec) = self.images.remove(hash) {
+                    for n in rec.names {
+                        self.image_names.remove(&n);
+                    }
+                }
             }
             Command::SetDrain { node, drain } => {
                 if !self.nodes.contains_key(node) {

@@ -222,7 +222,64 @@ mod vms {
         let h = ticket(&mut s, 7, Role::Voter, u64::MAX);
         let r = s.apply(&req(1, id(2), Command::AdmitNode { node: id(2), info, secret_hash: h, role: Role::Voter }));
         assert_eq!(r, CommandResult::Ok);
+        let r = s.apply(&req(1, id(1), publish(&hash(1), "img")));
+        assert_eq!(r, CommandResult::Ok);
         s
+    }
+
+    fn hash(n: u8) -> String {
+        format!("{n:02x}").repeat(32)
+    }
+
+    fn publish(hash: &str, name: &str) -> Command {
+        Command::PublishImage { hash: hash.into(), size: 1, kind: ImageKind::Bundle, name: Some(name.into()) }
+    }
+
+    #[test]
+    fn image_catalogue() {
+        let mut s = with_capacity();
+        // A VM's image is resolved to the hash at create: a later push under the name
+        // does not change it.
+        ok(&mut s, id(1), Command::CreateVm { spec: spec("web", 1, 64), start: true });
+        assert_eq!(s.vms["web"].spec.image, hash(1));
+        assert_eq!(s.vms["web"].image_ref, "img");
+        ok(&mut s, id(1), publish(&hash(2), "img"));
+        assert_eq!(s.image_names["img"], hash(2));
+        assert!(s.images[&hash(1)].names.is_empty());
+        assert_eq!(s.vms["web"].spec.image, hash(1));
+        // References: name, full hash, unique prefix; not unknown or ambiguous ones.
+        assert_eq!(s.resolve_image("img"), Ok(hash(2)));
+        assert_eq!(s.resolve_image(&hash(1)), Ok(hash(1)));
+        assert_eq!(s.resolve_image(&hash(1)[..8]), Ok(hash(1)));
+        assert!(matches!(s.resolve_image("nope"), Err(Refusal::UnknownImage(_))));
+        ok(&mut s, id(1), Command::PublishImage { hash: format!("0102{}", &hash(1)[4..]), size: 1, kind: ImageKind::Bundle, name: None });
+        assert!(matches!(s.resolve_image("0102"), Err(Refusal::UnknownImage(_))), "short prefixes are not references");
+        assert!(matches!(s.resolve_image("01010101"), Ok(_)));
+        ok(&mut s, id(1), Command::PublishImage { hash: format!("01010101{}", "f".repeat(56)), size: 1, kind: ImageKind::Bundle, name: None });
+        assert!(matches!(s.resolve_image("01010101"), Err(Refusal::AmbiguousImage(_))));
+        // Bad input is refused and changes nothing.
+        let before = s.clone();
+        for bad in [
+            Command::PublishImage { hash: "abc".into(), size: 1, kind: ImageKind::Bundle, name: None },
+            publish(&hash(3), "Bad Name"),
+            publish(&hash(3), "deadbeef"),
+            Command::RemoveImage { hash: hash(9) },
+            Command::RemoveImage { hash: hash(1) },
+            Command::CreateVm { spec: VmSpec { image: "nope".into(), ..spec("db", 1, 64) }, start: true },
+        ] {
+            assert!(matches!(s.apply(&req(11, id(1), bad)), CommandResult::Refused(_)));
+        }
+        assert_eq!(s, before);
+        assert!(matches!(
+            s.apply(&req(11, id(1), Command::RemoveImage { hash: hash(1) })),
+            CommandResult::Refused(Refusal::ImageInUse { .. })
+        ));
+        // Once the VM is gone the image can go, and its names with it.
+        ok(&mut s, id(1), Command::DeleteVm { name: "web".into() });
+        ok(&mut s, id(1), Command::RemoveImage { hash: hash(1) });
+        ok(&mut s, id(1), Command::RemoveImage { hash: hash(2) });
+        assert!(!s.image_names.contains_key("img"));
+        assert!(!s.images.contains_key(&hash(2)));
     }
 
     fn ok(s: &mut ClusterState, by: NodeId, cmd: Command) {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::{ClusterId, NodeId};
 use crate::ticket::Role;
+use crate::image::ImageKind;
 use crate::vm::{Desired, VmReport, VmSpec};
 
 /// One log entry's payload: a command, who asked for it and when.
@@ -74,6 +75,12 @@ pub enum Command {
     SetDrain { node: NodeId, drain: bool },
     /// The leader could not place a VM: why (shown until it is placed).
     PlacementFailed { name: String, reason: String },
+    /// Records an image in the catalogue (after a member fetched and verified it); `name`,
+    /// if given, now points at it.
+    PublishImage { hash: String, size: u64, kind: ImageKind, name: Option<String> },
+    /// Removes an image (by full hash) and the names pointing at it; refused while a VM
+    /// uses it.
+    RemoveImage { hash: String },
 }
 
 impl Command {
@@ -96,6 +103,8 @@ impl Command {
             Command::ReportVm { .. } => "report-vm",
             Command::SetDrain { .. } => "set-drain",
             Command::PlacementFailed { .. } => "placement-failed",
+            Command::PublishImage { .. } => "publish-image",
+            Command::RemoveImage { .. } => "remove-image",
         }
     }
 }
@@ -146,6 +155,14 @@ pub enum Refusal {
     VmDeleting(String),
     #[error("node {by} does not host VM {name:?}")]
     NotHost { name: String, by: NodeId },
+    #[error("no image {0:?} in the catalogue; push it with `blixard image push`, see `blixard image list`")]
+    UnknownImage(String),
+    #[error("image reference {0:?} matches more than one image; give more characters of the hash")]
+    AmbiguousImage(String),
+    #[error("invalid image: {0}")]
+    InvalidImage(String),
+    #[error("image {image} is used by VM(s) {vms}; delete them first")]
+    ImageInUse { image: String, vms: String },
 }
 
 /// Longest label key or value.

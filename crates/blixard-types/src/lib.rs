@@ -5,6 +5,7 @@
 //! - [`id`]: `NodeId`, `ClusterId`, durations as milliseconds.
 //! - [`ticket`]: join/client tickets and their versioned, checksummed string form.
 //! - [`command`]: what the replicated state machine applies, and what it answers.
+//! - [`image`]: image kinds, names and hash references of the catalogue.
 //! - [`rpc`]: messages of the join and client-API protocols.
 //! - [`frame`]: length-prefixed postcard framing shared by every protocol.
 
@@ -12,6 +13,7 @@ pub mod command;
 pub mod frame;
 pub mod gossip;
 pub mod id;
+pub mod image;
 pub mod rpc;
 pub mod ticket;
 pub mod vm;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::command::{NodeInfo, Request, Resources};
 use crate::id::{ClusterId, NodeId};
 use crate::ticket::{PeerAddr, Role, Ticket};
+use crate::vm::{Desired, VmSpec};
 
 /// Sent by a joining node, or by a CLI authorising its key, on the join protocol.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -48,6 +49,34 @@ pub enum ClientRequest {
     /// What one node itself knows (its own Raft view and applied state), answered by that
     /// node (forwarded to it if needed), not by the leader.
     NodeStatus { node: String },
+    /// Fetches image `hash` from `provider` (the pushing CLI's endpoint), verifies it,
+    /// keeps it, and records it in the catalogue (under `name`, if given). Answered by the
+    /// node that receives it.
+    ImagePush { hash: String, name: Option<String>, provider: PeerAddr },
+    /// The image catalogue, with which nodes hold each image.
+    ImageList,
+    /// One image (a name, full hash or unique hash prefix).
+    ImageInfo { reference: String },
+    /// Removes an image from the catalogue (refused while a VM uses it); every node then
+    /// drops its copy.
+    ImageRemove { reference: String },
+    /// Deletes, on `node` (or on every member if `None`), local image data that the
+    /// catalogue no longer lists.
+    ImageGc { node: Option<String> },
+    /// Fetches (from the nodes that hold it) and materialises an image on `node`.
+    ImagePull { reference: String, node: String },
+    /// Records a VM (validated, image resolved) and lets the leader place it.
+    VmCreate { spec: VmSpec, start: bool },
+    /// Sets what a VM should be: running, paused or stopped.
+    VmSetDesired { name: String, desired: Desired },
+    VmReboot { name: String },
+    VmDelete { name: String },
+    VmInfo { name: String },
+    VmList,
+    /// Serial console bytes of a VM from `offset`, answered by its node.
+    VmLogs { name: String, offset: u64, max_bytes: u32 },
+    /// A drained node takes no new VMs and its VMs move away (`drain: false` undoes it).
+    NodeDrain { node: String, drain: bool },
     /// A member forwarding a proposal to the leader on behalf of `Request::by`.
     /// Accepted only from members.
     Propose(Request),
@@ -61,6 +90,13 @@ pub enum ClientResponse {
     Status(ClusterStatus),
     Ticket { ticket: String, id: String, expires_at_ms: u64 },
     Node(NodeStatus),
+    Image(ImageInfo),
+    Images(Vec<ImageInfo>),
+    Pulled(PullReport),
+    Gc(Vec<GcReport>),
+    Vm(VmInfo),
+    Vms(Vec<VmInfo>),
+    Logs(LogChunk),
     Ok,
     Error(ApiError),
 }
@@ -124,6 +160,87 @@ pub struct NodeStatus {
     pub members: u32,
     /// This node's gossip view of every other member: alive, suspect, dead or unknown.
     pub peers: BTreeMap<NodeId, String>,
+}
+
+/// An image in the catalogue. Field names are the `--json` contract.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub hash: String,
+    pub names: Vec<String>,
+    /// `nix-closure` or `bundle`.
+    pub kind: String,
+    /// Bytes of all its blobs.
+    pub size: u64,
+    pub publisher: NodeId,
+    pub created_at_ms: u64,
+    /// Members that hold it complete (from gossip), and VMs that use it.
+    pub nodes: Vec<NodeId>,
+    pub vms: Vec<String>,
+}
+
+/// What a fetch onto a node did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullReport {
+    pub node: NodeId,
+    pub image: ImageInfo,
+    pub bytes_transferred: u64,
+    pub parts: u64,
+    pub parts_already_local: u64,
+    pub elapsed_ms: u64,
+    /// Bytes received per provider.
+    pub providers: BTreeMap<NodeId, u64>,
+}
+
+/// What `image gc` did on one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    pub node: NodeId,
+    pub images_removed: u64,
+    pub blobs_before: u64,
+    pub blobs_after: u64,
+    /// Why it failed on this node, if it did.
+    pub error: Option<String>,
+}
+
+/// A VM as `vm info`/`vm list` show it. Field names are the `--json` contract.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    /// The image reference as given at create, and the hash it resolved to.
+    pub image: String,
+    pub image_hash: String,
+    /// What it actually is (as its node reports).
+    pub state: String,
+    /// What it should be.
+    pub desired: String,
+    pub node: Option<NodeId>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub healthy: Option<bool>,
+    /// The last error (placement, image, boot, crash), if any.
+    pub error: Option<String>,
+    pub restarts: u32,
+    pub restart: String,
+    pub health_check: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub constraints: BTreeMap<String, String>,
+    pub anti_affinity: Option<String>,
+    pub deleting: bool,
+    pub created_at_ms: u64,
+    /// When `state` last changed (Unix ms).
+    pub since: u64,
+}
+
+/// Console bytes of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub node: NodeId,
+    pub data: Vec<u8>,
+    /// Offset to ask from next time.
+    pub next: u64,
+    /// Bytes that were dropped from the bounded log before `offset` (if any).
+    pub skipped: u64,
 }
 
 #[cfg(test)]

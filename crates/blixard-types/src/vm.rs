@@ -8,7 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// Longest VM name.
-pub const MAX_NAME_LEN: usize = 63;
+pub const MAX_NAME_LEN: usize = 48;
 /// Most vCPUs one VM may have.
 pub const MAX_VCPUS: u32 = 256;
 /// Least and most memory one VM may have, in MiB.
@@ -247,10 +247,10 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["web", "web-1", "0db", &"a".repeat(63)] {
+        for ok in ["web", "web-1", "0db", &"a".repeat(48)] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-x", "a/b", "../x", "Web", "a b", "a.b", &"a".repeat(64), "x\0"] {
+        for bad in ["", "-x", "a/b", "../x", "Web", "a b", "a.b", &"a".repeat(49), "x\0"] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -45,6 +45,11 @@ pub struct BackendConfig {
     pub start_timeout: Duration,
     /// Period of the background health checks.
     pub health_interval: Duration,
+    /// Kill each hypervisor when the process that started it dies (Linux
+    /// `PR_SET_PDEATHSIG`): a node daemon killed with SIGKILL takes its VMs with it, so a
+    /// VM the cluster moves elsewhere never runs twice. Off by default (a library user may
+    /// want VMs to outlive it).
+    pub die_with_parent: bool,
 }
 
 impl BackendConfig {
@@ -57,6 +62,7 @@ impl BackendConfig {
             console_max_bytes: 1 << 20,
             start_timeout: Duration::from_secs(30),
             health_interval: Duration::from_secs(2),
+            die_with_parent: false,
         }
     }
 }
@@ -780,6 +786,17 @@ impl<L: Launcher> Inner<L> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(false);
+        if self.cfg.die_with_parent {
+            // SAFETY: the closure runs in the forked child before exec and only makes one
+            // async-signal-safe syscall (prctl).
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(|| {
+                    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
         let mut child = cmd.spawn().map_err(|source| {
             let hint = if source.kind() == std::io::ErrorKind::NotFound {
                 "; is it installed and on PATH? (apt-get install qemu-system-x86)".to_string()

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use blixard_node::executor::BackendChoice;
+
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +38,10 @@ pub struct NodeFlags {
     /// Where to serve Prometheus metrics, or `off` (default: 127.0.0.1:9464).
     #[arg(long, value_parser = parse_metrics)]
     pub metrics_listen: Option<MetricsListen>,
+    /// VM backends to run: auto (both: a Nix-closure image runs on microvm, a bundle on
+    /// qemu), microvm or qemu.
+    #[arg(long)]
+    pub backend: Option<BackendChoice>,
 }
 
 /// `--metrics-listen`: an address, or off.
@@ -82,6 +88,7 @@ pub struct FileConfig {
     pub memory_mib: Option<u64>,
     pub disk_gib: Option<u64>,
     pub metrics_listen: Option<MetricsListen>,
+    pub backend: Option<BackendChoice>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
@@ -104,6 +111,7 @@ pub struct Effective {
     /// `None`: the free space of the data dir at start.
     pub disk_gib: Option<u64>,
     pub metrics_listen: MetricsListen,
+    pub backend: BackendChoice,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -141,6 +149,7 @@ fn merge(file: FileConfig, data_dir_flag: Option<PathBuf>, flags: &NodeFlags) ->
         memory_mib: flags.memory_mib.or(file.memory_mib).unwrap_or(host.memory_mib),
         disk_gib: flags.disk_gib.or(file.disk_gib),
         metrics_listen: flags.metrics_listen.or(file.metrics_listen).unwrap_or(MetricsListen::Addr(DEFAULT_METRICS)),
+        backend: flags.backend.or(file.backend).unwrap_or_default(),
         labels,
     })
 }
@@ -156,6 +165,7 @@ impl Effective {
             memory_mib: Some(self.memory_mib),
             disk_gib: self.disk_gib,
             metrics_listen: Some(self.metrics_listen),
+            backend: Some(self.backend),
             labels: self.labels.clone(),
         };
         Ok(toml::to_string(&file)?)

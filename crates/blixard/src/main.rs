@@ -15,6 +15,9 @@ use clap::{Parser, Subcommand};
 
 mod config;
 mod demo;
+mod image;
+mod progress;
+mod vm;
 mod notify;
 mod output;
 mod run;
@@ -43,7 +46,13 @@ enum Cmd {
     /// Cluster membership and tickets.
     #[command(subcommand)]
     Cluster(ClusterCmd),
-    /// Start a local cluster of node processes on loopback and show its status.
+    /// VM images on the mesh.
+    #[command(subcommand)]
+    Image(image::ImageCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
+    /// Start a local cluster of node processes on loopback, boot a VM, show its status.
     Demo(demo::DemoArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
@@ -65,6 +74,12 @@ enum NodeCmd {
     },
     /// One node's own view: its Raft state, applied index and state digest.
     Status { node: String },
+    /// Take no new VMs and move this node's VMs elsewhere (`--undo` ends the drain).
+    Drain {
+        node: String,
+        #[arg(long)]
+        undo: bool,
+    },
     /// Add or update labels (k=v), or remove them (k-).
     Label {
         node: String,
@@ -146,6 +161,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Demo(args) => demo::run(args, cli.json).await,
+        Cmd::Image(cmd) => {
+            let client = connect(&cli.ticket, &cli.data_dir).await?;
+            let r = image::run(cmd, &client, cli.json).await;
+            client.close().await;
+            r
+        }
+        Cmd::Vm(cmd) => {
+            let client = connect(&cli.ticket, &cli.data_dir).await?;
+            let r = vm::run(cmd, &client, cli.json).await;
+            client.close().await;
+            r
+        }
+        Cmd::Node(NodeCmd::Drain { node, undo }) => {
+            expect_ok(request(&cli.ticket, &cli.data_dir, &ClientRequest::NodeDrain { node, drain: !undo }).await?, cli.json)
+        }
         Cmd::Node(NodeCmd::Label { node, labels }) => {
             let (set, remove) = parse_labels(&labels)?;
             let req = ClientRequest::Label { node, set, remove };
@@ -223,9 +253,13 @@ fn cli_key() -> anyhow::Result<iroh::SecretKey> {
     Ok(blixard_mesh::identity::load_or_create(&dir.join("cli.key"))?)
 }
 
-async fn request(ticket: &Option<String>, data_dir: &Option<PathBuf>, req: &ClientRequest) -> anyhow::Result<ClientResponse> {
+async fn connect(ticket: &Option<String>, data_dir: &Option<PathBuf>) -> anyhow::Result<Client> {
     let ticket = find_ticket(ticket, data_dir)?;
-    let client = Client::new(cli_key()?, ticket).await?;
+    Ok(Client::new(cli_key()?, ticket).await?)
+}
+
+async fn request(ticket: &Option<String>, data_dir: &Option<PathBuf>, req: &ClientRequest) -> anyhow::Result<ClientResponse> {
+    let client = connect(ticket, data_dir).await?;
     let resp = client.request(req).await;
     client.close().await;
     Ok(resp?)
@@ -248,7 +282,7 @@ fn parse_labels(args: &[String]) -> anyhow::Result<(BTreeMap<String, String>, Ve
 }
 
 /// Parses `90s`, `30m`, `12h`, `7d` (or plain seconds) into milliseconds.
-fn parse_duration_ms(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_duration_ms(s: &str) -> Result<u64, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 90s, 30m, 12h, 7d"))?;
     let secs = match unit {

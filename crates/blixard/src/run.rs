@@ -47,6 +47,7 @@ pub async fn run(data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<()>
     cfg.resources.memory_mib = eff.memory_mib;
     cfg.resources.disk_gib = eff.disk_gib.unwrap_or(0);
     cfg.labels = eff.labels;
+    cfg.backend = eff.backend;
     cfg.metrics = match eff.metrics_listen {
         crate::config::MetricsListen::Addr(a) => Some(a),
         crate::config::MetricsListen::Off => None,

@@ -1,0 +1,471 @@
+//! The reconciler's executor: turns committed state into running VMs on this node.
+//!
+//! Each round it reads what the cluster wants here (VMs placed on this node), what the
+//! backends have, and asks the pure [`blixard_reconcile::plan`] what to do; then it carries
+//! the actions out, one task per VM (a slow stop of one VM never holds up another), and
+//! reports each VM's actual state back through Raft. Image fetches run in their own tasks,
+//! one per image, shared by every VM that needs it.
+//!
+//! **Invariants:** only VMs the backends list are touched (the backends own their data
+//! dirs); a VM not placed here (moved, deleted) is stopped and removed before anything
+//! else happens to it; hypervisors die with the daemon (`die_with_parent`), so a node that
+//! was killed never comes back running a VM the cluster moved away.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blixard_images::Materialised;
+use blixard_reconcile::{plan, Action, ImageState, Local, Memory, Observed, Wanted};
+use blixard_types::image::ImageKind;
+use blixard_types::vm::{HealthCheck, VmReport};
+use blixard_types::{Command, CommandResult};
+use blixard_vmm::{
+    BackendConfig, Boot, Bundle, Capacity, Disk, MicrovmBackend, QemuBackend, QemuOptions, Runner, StopOptions,
+    VmBackend, VmError, VmState as LocalState, VmStatus,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::images::NodeImages;
+use crate::node::NodeCtx;
+use crate::now_ms;
+
+/// How often the executor looks even when nothing was applied.
+const TICK: Duration = Duration::from_millis(500);
+/// How long a guest gets to shut down before its hypervisor is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which VM backends a node runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// Both: the image decides (a Nix closure runs on the microvm backend, a bundle on qemu).
+    #[default]
+    Auto,
+    /// microvm.nix runners only.
+    Microvm,
+    /// Kernel/initrd/disk bundles on qemu only.
+    Qemu,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "microvm" => Ok(Self::Microvm),
+            "qemu" => Ok(Self::Qemu),
+            _ => Err(format!("unknown backend {s:?}: expected auto, microvm or qemu")),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Microvm => "microvm",
+            Self::Qemu => "qemu",
+        })
+    }
+}
+
+/// The node's VM backends, each with its own state dir under `DATA_DIR/vmm/`.
+#[derive(Debug)]
+pub struct Backends {
+    qemu: Option<Arc<QemuBackend>>,
+    microvm: Option<Arc<MicrovmBackend>>,
+}
+
+impl Backends {
+    pub async fn open(dir: &Path, capacity: Capacity, choice: BackendChoice) -> Result<Self, VmError> {
+        let cfg = |kind: &str| {
+            let mut c = BackendConfig::new(dir.join(kind), capacity);
+            c.die_with_parent = true;
+            c
+        };
+        let qemu = match choice {
+            BackendChoice::Auto | BackendChoice::Qemu => {
+                Some(Arc::new(QemuBackend::open(cfg("qemu"), QemuOptions::default()).await?))
+            }
+            BackendChoice::Microvm => None,
+        };
+        let microvm = match choice {
+            BackendChoice::Auto | BackendChoice::Microvm => Some(Arc::new(MicrovmBackend::open(cfg("microvm")).await?)),
+            BackendChoice::Qemu => None,
+        };
+        Ok(Self { qemu, microvm })
+    }
+
+    fn all(&self) -> Vec<Arc<dyn VmBackend>> {
+        let mut v: Vec<Arc<dyn VmBackend>> = Vec::new();
+        if let Some(q) = &self.qemu {
+            v.push(q.clone());
+        }
+        if let Some(m) = &self.microvm {
+            v.push(m.clone());
+        }
+        v
+    }
+
+    /// The backend that runs images of `kind` here.
+    fn for_kind(&self, kind: ImageKind) -> Result<Arc<dyn VmBackend>, String> {
+        let b: Option<Arc<dyn VmBackend>> = match kind {
+            ImageKind::Bundle => self.qemu.clone().map(|b| b as _),
+            ImageKind::NixClosure => self.microvm.clone().map(|b| b as _),
+        };
+        b.ok_or_else(|| {
+            let need = if kind == ImageKind::Bundle { "qemu" } else { "microvm" };
+            format!("this node does not run the {need} backend that {kind} images need (see `node run --backend`)")
+        })
+    }
+
+    /// Every VM of every backend, with the backend that has it.
+    async fn list(&self) -> BTreeMap<String, (Arc<dyn VmBackend>, VmStatus)> {
+        let mut out = BTreeMap::new();
+        for b in self.all() {
+            for s in b.list().await {
+                out.insert(s.name.clone(), (b.clone(), s));
+            }
+        }
+        out
+    }
+
+    /// The backend holding VM `name`.
+    pub async fn find(&self, name: &str) -> Option<Arc<dyn VmBackend>> {
+        for b in self.all() {
+            if b.status(name).await.is_ok() {
+                return Some(b);
+            }
+        }
+        None
+    }
+
+    /// Stops every VM (node shutdown): guests get `timeout` to power off.
+    pub async fn stop_all(&self, timeout: Duration) {
+        if let Some(q) = &self.qemu {
+            q.stop_all(StopOptions::graceful(timeout)).await;
+        }
+        if let Some(m) = &self.microvm {
+            m.stop_all(StopOptions::graceful(timeout)).await;
+        }
+    }
+}
+
+/// The executor's shared pieces.
+#[derive(Clone)]
+pub struct Executor {
+    ctx: NodeCtx,
+    images: Arc<NodeImages>,
+    backends: Arc<Backends>,
+    /// Image fetches by hash: in progress, done, or failed (until a VM picked the failure up).
+    fetches: Arc<Mutex<BTreeMap<String, ImageState>>>,
+}
+
+/// What a VM task tells the loop when it ends.
+type Done = (String, Result<(), String>);
+
+impl Executor {
+    pub fn new(ctx: NodeCtx, images: Arc<NodeImages>, backends: Arc<Backends>) -> Self {
+        Self { ctx, images, backends, fetches: Default::default() }
+    }
+
+    /// Runs until the node stops.
+    pub async fn run(self) {
+        let mut memory: BTreeMap<String, Memory> = BTreeMap::new();
+        let mut busy: BTreeSet<String> = BTreeSet::new();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        let mut metrics = self.ctx.raft.metrics();
+        let mut applied = None;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                Some((name, res)) = done_rx.recv() => {
+                    busy.remove(&name);
+                    if let Err(e) = res {
+                        warn!(vm = %name, error = %e, "VM operation failed");
+                        memory.entry(name).or_default().record_failure(e, now_ms());
+                    }
+                }
+                r = metrics.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    // Only a newly applied entry is worth a round; heartbeats are not.
+                    let now = metrics.borrow_and_update().last_applied;
+                    if now == applied {
+                        continue;
+                    }
+                    applied = now;
+                }
+            }
+            self.round(&mut memory, &mut busy, &done_tx).instrument(info_span!("reconcile")).await;
+        }
+    }
+
+    async fn round(&self, memory: &mut BTreeMap<String, Memory>, busy: &mut BTreeSet<String>, done: &mpsc::UnboundedSender<Done>) {
+        let wanted = self.wanted();
+        let local = self.backends.list().await;
+        let observed: BTreeMap<String, Observed> = local
+            .iter()
+            .map(|(name, (_, s))| (name.clone(), observe(s, wanted.get(name).and_then(|w| w.spec.health.as_ref()))))
+            .collect();
+        self.sync_images(&wanted, memory);
+        // VMs with an operation in flight sit this round out (their memory is kept aside).
+        let parked: BTreeMap<String, Memory> =
+            busy.iter().filter_map(|n| memory.remove(n).map(|m| (n.clone(), m))).collect();
+        let wanted_now: BTreeMap<String, Wanted> = wanted.into_iter().filter(|(n, _)| !busy.contains(n)).collect();
+        let observed_now: BTreeMap<String, Observed> = observed.into_iter().filter(|(n, _)| !busy.contains(n)).collect();
+        let actions = plan(&wanted_now, &observed_now, memory, now_ms());
+        memory.extend(parked);
+
+        let mut per_vm: BTreeMap<String, Vec<Action>> = BTreeMap::new();
+        for a in actions {
+            match a {
+                Action::FetchImage(name) => {
+                    if let Some(w) = wanted_now.get(&name) {
+                        self.start_fetch(w.spec.image.clone());
+                    }
+                }
+                other => per_vm.entry(action_vm(&other).to_string()).or_default().push(other),
+            }
+        }
+        for (name, acts) in per_vm {
+            busy.insert(name.clone());
+            let me = self.clone();
+            let backend = local.get(&name).map(|(b, _)| b.clone());
+            let spec = wanted_now.get(&name).map(|w| w.spec.clone());
+            let done = done.clone();
+            let span = info_span!("vm", vm = %name);
+            tokio::spawn(
+                async move {
+                    let res = me.execute(&name, acts, backend, spec).await;
+                    let _ = done.send((name, res));
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    /// What the cluster wants on this node.
+    fn wanted(&self) -> BTreeMap<String, Wanted> {
+        let st = self.ctx.state.read().unwrap_or_else(|p| p.into_inner());
+        st.state
+            .vms
+            .iter()
+            .filter(|(_, v)| v.node == Some(self.ctx.id))
+            .map(|(name, v)| {
+                let recorded = VmReport {
+                    state: v.state,
+                    healthy: v.healthy,
+                    error: v.error.clone(),
+                    restarts: v.restarts,
+                    reboots_done: v.reboots_done,
+                    deleted: false,
+                };
+                (
+                    name.clone(),
+                    Wanted {
+                        spec: v.spec.clone(),
+                        desired: v.desired,
+                        deleting: v.deleting,
+                        reboots_requested: v.reboots_requested,
+                        recorded,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Carries finished fetches into the VMs' memories; an image already here needs none.
+    fn sync_images(&self, wanted: &BTreeMap<String, Wanted>, memory: &mut BTreeMap<String, Memory>) {
+        let mut fetches = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
+        let mut picked_up = Vec::new();
+        for (name, w) in wanted {
+            let m = memory.entry(name.clone()).or_default();
+            let hash = &w.spec.image;
+            match (fetches.get(hash), &m.image) {
+                (Some(ImageState::Ready), ImageState::Missing | ImageState::Fetching) => m.image = ImageState::Ready,
+                (Some(ImageState::Failed(e)), ImageState::Missing | ImageState::Fetching) => {
+                    m.image = ImageState::Failed(e.clone());
+                    picked_up.push(hash.clone());
+                }
+                // Started again by the user after an image failure: fetch again.
+                (_, ImageState::Failed(_)) if w.recorded.state == blixard_types::vm::VmState::Pending => {
+                    m.image = ImageState::Missing;
+                }
+                _ => {}
+            }
+        }
+        for h in picked_up {
+            fetches.remove(&h);
+        }
+    }
+
+    /// Fetches (from the peers that hold it) and materialises image `hash`, once.
+    fn start_fetch(&self, hash: String) {
+        {
+            let mut f = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
+            if matches!(f.get(&hash), Some(ImageState::Fetching | ImageState::Ready)) {
+                return;
+            }
+            f.insert(hash.clone(), ImageState::Fetching);
+        }
+        let me = self.clone();
+        let span = info_span!("image_prefetch", image = %&hash[..12.min(hash.len())]);
+        tokio::spawn(
+            async move {
+                let r = me.fetch_and_materialise(&hash).await;
+                let state = match r {
+                    Ok(()) => ImageState::Ready,
+                    Err(e) => {
+                        warn!(error = %e, "image not available");
+                        ImageState::Failed(e)
+                    }
+                };
+                me.fetches.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, state);
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn fetch_and_materialise(&self, hash: &str) -> Result<(), String> {
+        if !self.images.holds(hash) {
+            let providers = crate::images::providers(&self.ctx, hash);
+            let stats = self.images.fetch(hash, providers).await.map_err(|e| e.to_string())?;
+            info!(bytes = stats.bytes_transferred, parts = stats.parts, ms = stats.elapsed.as_millis() as u64, "image fetched");
+        }
+        self.images.materialise(hash).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Runs one VM's actions in order; the first failure ends the list.
+    async fn execute(
+        &self,
+        name: &str,
+        actions: Vec<Action>,
+        mut backend: Option<Arc<dyn VmBackend>>,
+        spec: Option<blixard_types::vm::VmSpec>,
+    ) -> Result<(), String> {
+        for a in actions {
+            debug!(action = ?a, "executing");
+            match a {
+                Action::Report(_, report) => {
+                    let cmd = Command::ReportVm { name: name.to_string(), report };
+                    match self.ctx.propose(self.ctx.id, cmd).await {
+                        Ok(CommandResult::Ok) => {}
+                        // Moved or deleted meanwhile: the next round sees it.
+                        Ok(CommandResult::Refused(r)) => debug!(reason = %r, "report refused"),
+                        Err(e) => debug!(error = %e, "report not recorded; next round retries"),
+                    }
+                }
+                Action::Create(_) => {
+                    let spec = spec.as_ref().ok_or("no spec")?;
+                    let (b, vspec) = self.vmm_spec(spec).await?;
+                    b.create(vspec).await.map_err(|e| e.to_string())?;
+                    info!("created");
+                    backend = Some(b);
+                }
+                Action::Remove(_) => {
+                    if let Some(b) = &backend {
+                        b.delete(name).await.map_err(|e| e.to_string())?;
+                        info!("removed");
+                    }
+                }
+                other => {
+                    let b = backend.as_ref().ok_or_else(|| format!("no backend has VM {name}"))?;
+                    let r = match other {
+                        Action::Start(_) => b.start(name).await,
+                        Action::Stop(_) => b.stop(name, StopOptions::graceful(STOP_TIMEOUT)).await,
+                        Action::Pause(_) => b.pause(name).await,
+                        Action::Resume(_) => b.resume(name).await,
+                        Action::Reboot(_) => b.reboot(name).await,
+                        _ => continue,
+                    };
+                    let s = r.map_err(|e| e.to_string())?;
+                    info!(state = %s.state, "done: {}", action_name(&other));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The backend spec of a cluster VM, from its materialised image.
+    async fn vmm_spec(&self, spec: &blixard_types::vm::VmSpec) -> Result<(Arc<dyn VmBackend>, blixard_vmm::VmSpec), String> {
+        let kind = self.images.kind(&spec.image).await.map_err(|e| e.to_string())?;
+        let backend = self.backends.for_kind(kind)?;
+        let boot = match self.images.materialise(&spec.image).await.map_err(|e| e.to_string())? {
+            Materialised::Bundle { kernel, initrd, disk, cmdline } => Boot::Bundle(Bundle {
+                kernel,
+                initrd: Some(initrd),
+                // Shared by every VM of the image, so read-only (no per-VM overlay yet).
+                root_disk: disk.map(|path| Disk { path, read_only: true }),
+                cmdline,
+            }),
+            Materialised::NixStore { entry, .. } => {
+                Boot::Runner(Runner { path: entry.into(), hypervisor: None, control_socket: None })
+            }
+            Materialised::StoreLayout { .. } => {
+                return Err("this node has no Nix store to run a Nix-closure image from: install Nix (apt-get install nix-bin)".into())
+            }
+        };
+        let mut v = blixard_vmm::VmSpec::new(spec.name.clone(), spec.vcpus, spec.memory_mib, boot);
+        if let Some(HealthCheck::Console(marker)) = &spec.health {
+            v.health.push(blixard_vmm::HealthCheck::ConsoleMarker { marker: marker.clone() });
+        }
+        Ok((backend, v))
+    }
+}
+
+/// What the reconciler needs to know of a backend's VM. Without a health check, a running
+/// VM is healthy once its console shows output.
+fn observe(s: &VmStatus, check: Option<&HealthCheck>) -> Observed {
+    let local = match s.state {
+        LocalState::Created => Local::Created,
+        LocalState::Starting => Local::Starting,
+        LocalState::Running => Local::Running,
+        LocalState::Paused => Local::Paused,
+        LocalState::Stopping => Local::Stopping,
+        LocalState::Stopped => Local::Stopped,
+        LocalState::Failed => Local::Failed,
+    };
+    let healthy = match (&s.health, check) {
+        (blixard_vmm::Health::Healthy, _) => Some(true),
+        (blixard_vmm::Health::Unhealthy { .. }, _) => Some(false),
+        (blixard_vmm::Health::Unknown, None) if s.state == LocalState::Running && s.console_bytes > 0 => Some(true),
+        (blixard_vmm::Health::Unknown, _) => None,
+    };
+    Observed { local: Some(local), healthy, error: s.last_error.clone() }
+}
+
+fn action_vm(a: &Action) -> &str {
+    match a {
+        Action::FetchImage(n)
+        | Action::Create(n)
+        | Action::Start(n)
+        | Action::Stop(n)
+        | Action::Pause(n)
+        | Action::Resume(n)
+        | Action::Reboot(n)
+        | Action::Remove(n)
+        | Action::Report(n, _) => n,
+    }
+}
+
+fn action_name(a: &Action) -> &'static str {
+    match a {
+        Action::FetchImage(_) => "fetch-image",
+        Action::Create(_) => "create",
+        Action::Start(_) => "start",
+        Action::Stop(_) => "stop",
+        Action::Pause(_) => "pause",
+        Action::Resume(_) => "resume",
+        Action::Reboot(_) => "reboot",
+        Action::Remove(_) => "remove",
+        Action::Report(..) => "report",
+    }
+}
