@@ -172,8 +172,11 @@ impl Executor {
         Self { ctx, images, backends, fetches: Default::default() }
     }
 
-    /// Runs until the node stops.
+    /// Runs until the node stops. Acts only once this node has applied everything the
+    /// cluster had committed when it started: a node coming back must first learn that its
+    /// VMs were moved away, or it would start them again.
     pub async fn run(self) {
+        self.catch_up().instrument(info_span!("reconcile_catch_up")).await;
         let mut memory: BTreeMap<String, Memory> = BTreeMap::new();
         let mut busy: BTreeSet<String> = BTreeSet::new();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
@@ -205,6 +208,34 @@ impl Executor {
             }
             self.round(&mut memory, &mut busy, &done_tx).instrument(info_span!("reconcile")).await;
         }
+    }
+
+    /// Waits until this node's applied state is at least the leader's commit index (read
+    /// linearizably from the leader).
+    async fn catch_up(&self) {
+        loop {
+            match self.ctx.leader().await {
+                Ok(l) if l == self.ctx.id => {
+                    if crate::client_api::linearizable(&self.ctx).await.is_ok() {
+                        break;
+                    }
+                }
+                Ok(l) => match self.ctx.forward(l, blixard_types::rpc::ClientRequest::Status).await {
+                    Ok(blixard_types::rpc::ClientResponse::Status(s)) => {
+                        let mut m = self.ctx.raft.metrics();
+                        let applied = |m: &openraft::RaftMetrics<_, _>| m.last_applied.map(|l| l.index).unwrap_or(0);
+                        let reached = tokio::time::timeout(Duration::from_secs(30), m.wait_for(|m| applied(m) >= s.commit_index)).await;
+                        if matches!(reached, Ok(Ok(_))) {
+                            break;
+                        }
+                    }
+                    other => debug!(result = ?other.map(|_| ()), "commit index not known yet"),
+                },
+                Err(e) => debug!(error = %e, "no leader yet"),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        info!("caught up with the cluster; reconciling");
     }
 
     async fn round(&self, memory: &mut BTreeMap<String, Memory>, busy: &mut BTreeSet<String>, done: &mpsc::UnboundedSender<Done>) {

@@ -138,7 +138,15 @@ fn accept(ctx: &NodeCtx, detector: &Mutex<Detector>, bytes: &[u8]) {
     }
     match postcard::from_bytes::<GossipMessage>(&body) {
         Ok(GossipMessage::Health(h)) => {
-            detector.lock().unwrap_or_else(|p| p.into_inner()).observe(from, h, Instant::now());
+            let now = Instant::now();
+            let mut d = detector.lock().unwrap_or_else(|p| p.into_inner());
+            let was_dead = d.liveness(&from, now) == crate::liveness::Liveness::Dead;
+            if d.observe(from, h, now) && was_dead {
+                // It came back, likely as a new process: a cached connection to the old
+                // one would only time out.
+                ctx.peers.disconnect(&from);
+                info!(node = %from.short(), "member is back");
+            }
         }
         Err(e) => debug!(from = %from.short(), error = %e, "dropped malformed gossip"),
     }

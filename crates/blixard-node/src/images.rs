@@ -40,6 +40,9 @@ impl NodeImages {
     pub async fn open(dir: &Path, endpoint: Endpoint) -> Result<Self, blixard_images::OpenError> {
         let mut opts = ImageStoreOptions::new(dir);
         opts.nix = nix_options();
+        // The collector only runs when `gc` asks; polling for that request less often
+        // keeps an idle node idle.
+        opts.gc_poll = std::time::Duration::from_secs(1);
         let store = ImageStore::open(endpoint, opts).await?;
         let me = Self { store, held: RwLock::new(BTreeSet::new()) };
         me.refresh_held().await;

@@ -54,6 +54,14 @@ async fn vms_are_placed_and_move_off_dead_nodes() {
     // All alive in A's gossip view before placing.
     wait("gossip sees all", 10, || [b.id(), c.id()].iter().all(|id| ctx.is_alive(id)).then_some(())).await;
 
+    // The catalogue must know the image (its bytes do not matter here: placement only).
+    let publish = Command::PublishImage {
+        hash: "ab".repeat(32),
+        size: 1,
+        kind: blixard_types::image::ImageKind::Bundle,
+        name: Some("test-guest".into()),
+    };
+    assert_eq!(ctx.propose(a.id(), publish).await.expect("publish"), CommandResult::Ok);
     for (name, vcpus) in [("small", 1), ("big", 3), ("huge", 64)] {
         let r = ctx.propose(a.id(), Command::CreateVm { spec: spec(name, vcpus), start: true }).await.expect("create");
         assert_eq!(r, CommandResult::Ok);

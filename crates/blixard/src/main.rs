@@ -111,7 +111,7 @@ fn main() -> ExitCode {
     let is_run = matches!(cli.cmd, Cmd::Node(NodeCmd::Run(_)) | Cmd::Demo(_));
     // The CLI's contract is one line on stderr per error: iroh's internal complaints about
     // abandoned dials stay out of it unless RUST_LOG asks for them.
-    init_tracing(if is_run { "info,openraft=warn" } else { "warn,iroh=off" });
+    init_tracing(if is_run { "info,openraft=warn,iroh_blobs=warn" } else { "warn,iroh=off" });
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

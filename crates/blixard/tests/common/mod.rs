@@ -43,7 +43,7 @@ impl Cluster {
     pub fn spawn(&mut self, dir: &Path, args: &[&str]) -> Result<String, String> {
         let mut cmd = Command::new(BIN);
         cmd.args(["node", "run", "--data-dir"]).arg(dir).args(["--metrics-listen", "127.0.0.1:0"]).args(args);
-        cmd.env("RUST_LOG", "info,openraft=warn").stdin(Stdio::null()).stdout(Stdio::piped());
+        cmd.env("RUST_LOG", "info,openraft=warn,iroh_blobs=warn").stdin(Stdio::null()).stdout(Stdio::piped());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
