@@ -344,8 +344,20 @@ impl Pool {
             }
             Err(last.unwrap_or(RpcError::NoAddress(*peer)))
         };
-        tokio::time::timeout(timeout, attempt)
-            .await
-            .unwrap_or(Err(RpcError::Timeout { peer: *peer, after: timeout }))
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Silence for this long means the connection is likely dead (e.g. the peer
+                // restarted on the same address): dial afresh next time. Short timeouts
+                // (Raft heartbeats) miss under load, which says nothing about the connection.
+                if timeout >= STALE_AFTER {
+                    self.disconnect(peer);
+                }
+                Err(RpcError::Timeout { peer: *peer, after: timeout })
+            }
+        }
     }
 }
+
+/// A call that timed out after at least this long drops its cached connection.
+const STALE_AFTER: Duration = Duration::from_secs(1);

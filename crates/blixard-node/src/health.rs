@@ -29,7 +29,7 @@ pub fn topic(cluster: &blixard_types::ClusterId) -> TopicId {
 }
 
 /// This node's report, from the applied state.
-fn own_report(ctx: &NodeCtx, seq: u64) -> NodeHealth {
+fn own_report(ctx: &NodeCtx, seq: u64, incarnation: u64) -> NodeHealth {
     let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
     let cap = st.state.nodes.get(&ctx.id).map(|n| n.resources).unwrap_or_default();
     let used = st.state.usage.get(&ctx.id).map(|u| u.used).unwrap_or_default();
@@ -42,6 +42,7 @@ fn own_report(ctx: &NodeCtx, seq: u64) -> NodeHealth {
         .collect();
     NodeHealth {
         seq,
+        incarnation,
         free: blixard_types::command::Resources {
             cpus: cap.cpus.saturating_sub(used.cpus),
             memory_mib: cap.memory_mib.saturating_sub(used.memory_mib),
@@ -92,6 +93,7 @@ pub async fn run(ctx: NodeCtx, key: SecretKey, gossip: Gossip, lookup: MemoryLoo
         let (tx, mut rx) = topic.split();
         info!(peers = known.len(), "gossip started");
         let mut seq = 0u64;
+        let incarnation: u64 = rand::random();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -105,7 +107,7 @@ pub async fn run(ctx: NodeCtx, key: SecretKey, gossip: Gossip, lookup: MemoryLoo
                     }
                     known = now_members;
                     seq = now_ms().max(seq + 1);
-                    let body = postcard::to_stdvec(&GossipMessage::Health(own_report(&ctx, seq))).unwrap_or_default();
+                    let body = postcard::to_stdvec(&GossipMessage::Health(own_report(&ctx, seq, incarnation))).unwrap_or_default();
                     if let Err(e) = tx.broadcast(signed::sign(&key, body).into()).await {
                         debug!(error = %e, "broadcast failed");
                     }
@@ -141,7 +143,8 @@ fn accept(ctx: &NodeCtx, detector: &Mutex<Detector>, bytes: &[u8]) {
             let now = Instant::now();
             let mut d = detector.lock().unwrap_or_else(|p| p.into_inner());
             let was_dead = d.liveness(&from, now) == crate::liveness::Liveness::Dead;
-            if d.observe(from, h, now) && was_dead {
+            let restarted = d.report(&from).is_some_and(|old| old.incarnation != h.incarnation);
+            if d.observe(from, h, now) && (was_dead || restarted) {
                 // It came back, likely as a new process: a cached connection to the old
                 // one would only time out.
                 ctx.peers.disconnect(&from);

@@ -11,6 +11,9 @@ pub struct NodeHealth {
     /// Strictly increasing per author (its wall clock in ms, bumped if needed): older or
     /// replayed reports are dropped.
     pub seq: u64,
+    /// Random per process start: a new value means the node restarted (connections to its
+    /// previous process are dead).
+    pub incarnation: u64,
     /// Capacity not used by VMs running there.
     pub free: Resources,
     /// VMs running on the node.

@@ -21,6 +21,13 @@ pub struct DemoArgs {
     /// Stop the nodes after printing the status instead of running until Ctrl-C.
     #[arg(long)]
     exit: bool,
+    /// A bundle dir of the test guest (default: build it with images/test-guest/build.sh,
+    /// found from the current directory).
+    #[arg(long)]
+    guest: Option<PathBuf>,
+    /// Only start the cluster; boot no VM.
+    #[arg(long)]
+    no_vm: bool,
 }
 
 /// Node processes that are killed when dropped, so a failed demo leaves nothing running.
@@ -82,12 +89,39 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
     std::fs::write(dir.join("client.ticket"), &ticket)?;
     let status = wait_healthy(&client, args.nodes as usize).await?;
     client.close().await;
-    if json {
-        crate::output::json(&status)?;
+    let vm = if args.no_vm {
+        None
     } else {
-        crate::output::status(&status)?;
+        let bundle = match args.guest {
+            Some(g) => g,
+            None => build_guest(&dir)?,
+        };
+        Some(boot_vm(&exe, &dir, &ticket, &bundle, &status)?)
+    };
+    if json {
+        crate::output::json(&serde_json::json!({ "cluster": status, "vm": vm }))?;
+    } else {
+        let cli = |args: &[&str]| -> anyhow::Result<()> {
+            let out = Command::new(&exe).env("BLIXARD_CONFIG_DIR", dir.join("cli")).arg("--ticket").arg(&ticket).args(args).output()?;
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            Ok(())
+        };
+        println!("$ blixard cluster status");
+        cli(&["cluster", "status"])?;
+        if vm.is_some() {
+            println!("\n$ blixard vm list");
+            cli(&["vm", "list"])?;
+            println!("\n$ blixard vm logs demo | tail -3");
+            let out = Command::new(&exe).env("BLIXARD_CONFIG_DIR", dir.join("cli")).arg("--ticket").arg(&ticket).args(["vm", "logs", "demo"]).output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let lines: Vec<&str> = text.lines().collect();
+            for l in &lines[lines.len().saturating_sub(3)..] {
+                println!("{l}");
+            }
+        }
         println!();
-        println!("Try:  blixard --ticket $(cat {}) cluster status", dir.join("client.ticket").display());
+        println!("Try:  export BLIXARD_TICKET=$(cat {})", dir.join("client.ticket").display());
+        println!("      blixard vm list; blixard vm pause demo --wait; blixard vm logs demo --follow");
     }
     if args.exit {
         return Ok(());
@@ -99,6 +133,58 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+/// Builds the test guest with `images/test-guest/build.sh`, looked for from the current
+/// directory upwards (the demo is run from the repository).
+fn build_guest(dir: &Path) -> anyhow::Result<PathBuf> {
+    let cwd = std::env::current_dir()?;
+    let script = cwd
+        .ancestors()
+        .map(|d| d.join("images/test-guest/build.sh"))
+        .find(|p| p.is_file())
+        .context("cannot find images/test-guest/build.sh: run the demo from the Blixard repository, or pass --guest BUNDLE_DIR")?;
+    let out = dir.join("guest");
+    eprintln!("building the test guest ({})", script.display());
+    let st = Command::new("sh").arg(&script).arg(&out).status().context("running build.sh")?;
+    if !st.success() {
+        bail!("the test guest build failed (it needs linux-image-cloud-amd64, busybox-static, e2fsprogs, cpio; see its message above)");
+    }
+    Ok(out.join("bundle"))
+}
+
+/// Pushes the guest through the CLI (to the first node), then creates a VM that must run on
+/// another node, so it boots from an image fetched from a peer. Returns `vm info`.
+fn boot_vm(exe: &Path, dir: &Path, ticket: &str, bundle: &Path, status: &blixard_types::rpc::ClusterStatus) -> anyhow::Result<serde_json::Value> {
+    let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(exe)
+            .env("BLIXARD_CONFIG_DIR", dir.join("cli"))
+            .arg("--json")
+            .arg("--ticket")
+            .arg(ticket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            bail!("blixard {} failed", args.join(" "));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    eprintln!("pushing the test guest image");
+    let image = cli(&["image", "push", &bundle.to_string_lossy(), "--name", "test-guest"])?;
+    let holder = image["nodes"][0].as_str().unwrap_or_default().to_string();
+    let host = status.members.iter().map(|m| m.id.to_string()).find(|id| *id != holder);
+    let mut create = vec!["vm", "create", "demo", "--image", "test-guest", "--health", "console:BLIXARD-GUEST-READY", "--wait", "--timeout", "5m"];
+    if let Some(h) = &host {
+        cli(&["node", "label", h, "demo-host=yes"])?;
+        create.extend(["--constraint", "demo-host=yes"]);
+    }
+    eprintln!("creating VM demo (the image is on {}; the VM must run elsewhere, so its node fetches the image from a peer)", &holder[..holder.len().min(10)]);
+    let started = Instant::now();
+    let vm = cli(&create)?;
+    eprintln!("VM demo ready in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(vm)
 }
 
 fn spawn(exe: &Path, root: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Child> {
