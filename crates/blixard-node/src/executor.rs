@@ -177,7 +177,14 @@ impl Executor {
     /// VMs were moved away, or it would start them again.
     pub async fn run(self) {
         self.catch_up().instrument(info_span!("reconcile_catch_up")).await;
-        let mut memory: BTreeMap<String, Memory> = BTreeMap::new();
+        // VMs this node had when its previous process ended were stopped by the node (a
+        // shutdown, or the kill of orphaned hypervisors at start), not by their guests: they
+        // start again at once, whatever their restart policy.
+        let mut memory: BTreeMap<String, Memory> = self
+            .wanted()
+            .into_keys()
+            .map(|name| (name, Memory { stopped_on_purpose: true, ..Memory::default() }))
+            .collect();
         let mut busy: BTreeSet<String> = BTreeSet::new();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let mut metrics = self.ctx.raft.metrics();

@@ -46,7 +46,18 @@ fn lost(ctx: &NodeCtx, node: &NodeId) -> bool {
 pub async fn round(ctx: &NodeCtx) -> usize {
     let (mut views, todo, policy, salt) = {
         let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
-        let views = st.state.node_views(|id| ctx.is_alive(id));
+        let mut views = st.state.node_views(|id| ctx.is_alive(id));
+        // Image locality: the images each node holds (gossip), besides those its VMs use.
+        {
+            let det = ctx.liveness.lock().unwrap_or_else(|p| p.into_inner());
+            for v in &mut views {
+                if v.id == ctx.id {
+                    v.images.extend(ctx.images.held());
+                } else if let Some(r) = det.report(&v.id) {
+                    v.images.extend(r.images.iter().cloned());
+                }
+            }
+        }
         let todo: Vec<_> = st
             .state
             .vms

@@ -98,8 +98,12 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
         };
         Some(boot_vm(&exe, &dir, &ticket, &bundle, &status)?)
     };
+    let (image, vm) = match vm {
+        Some((i, v)) => (Some(i), Some(v)),
+        None => (None, None),
+    };
     if json {
-        crate::output::json(&serde_json::json!({ "cluster": status, "vm": vm }))?;
+        crate::output::json(&serde_json::json!({ "cluster": status, "image": image, "vm": vm }))?;
     } else {
         let cli = |args: &[&str]| -> anyhow::Result<()> {
             let out = Command::new(&exe).env("BLIXARD_CONFIG_DIR", dir.join("cli")).arg("--ticket").arg(&ticket).args(args).output()?;
@@ -146,7 +150,8 @@ fn build_guest(dir: &Path) -> anyhow::Result<PathBuf> {
         .context("cannot find images/test-guest/build.sh: run the demo from the Blixard repository, or pass --guest BUNDLE_DIR")?;
     let out = dir.join("guest");
     eprintln!("building the test guest ({})", script.display());
-    let st = Command::new("sh").arg(&script).arg(&out).status().context("running build.sh")?;
+    // Its chatter goes to stderr: stdout is for the demo's output (one JSON document with --json).
+    let st = Command::new("sh").arg(&script).arg(&out).stdout(std::io::stderr()).status().context("running build.sh")?;
     if !st.success() {
         bail!("the test guest build failed (it needs linux-image-cloud-amd64, busybox-static, e2fsprogs, cpio; see its message above)");
     }
@@ -154,8 +159,15 @@ fn build_guest(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Pushes the guest through the CLI (to the first node), then creates a VM that must run on
-/// another node, so it boots from an image fetched from a peer. Returns `vm info`.
-fn boot_vm(exe: &Path, dir: &Path, ticket: &str, bundle: &Path, status: &blixard_types::rpc::ClusterStatus) -> anyhow::Result<serde_json::Value> {
+/// another node, so it boots from an image fetched from a peer. Returns the pushed image's
+/// and the VM's info.
+fn boot_vm(
+    exe: &Path,
+    dir: &Path,
+    ticket: &str,
+    bundle: &Path,
+    status: &blixard_types::rpc::ClusterStatus,
+) -> anyhow::Result<(serde_json::Value, serde_json::Value)> {
     let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
         let out = Command::new(exe)
             .env("BLIXARD_CONFIG_DIR", dir.join("cli"))
@@ -184,7 +196,7 @@ fn boot_vm(exe: &Path, dir: &Path, ticket: &str, bundle: &Path, status: &blixard
     let started = Instant::now();
     let vm = cli(&create)?;
     eprintln!("VM demo ready in {:.1}s", started.elapsed().as_secs_f64());
-    Ok(vm)
+    Ok((image, vm))
 }
 
 fn spawn(exe: &Path, root: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Child> {

@@ -138,18 +138,33 @@ fn grow_to_five_then_remove_one() {
 }
 
 #[test]
-fn demo_starts_a_healthy_cluster() {
+fn demo_starts_a_cluster_and_boots_a_vm() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = std::process::Command::new(BIN)
-        .args(["--json", "demo", "--exit", "--dir"])
-        .arg(dir.path())
-        .output()
-        .expect("run demo");
+    let have_qemu = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()));
+    let require = std::env::var("BLIXARD_REQUIRE_REAL").is_ok_and(|v| v == "1");
+    assert!(have_qemu || !require, "qemu-system-x86_64 not found");
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["--json", "demo", "--exit", "--dir"]).arg(dir.path());
+    if !have_qemu {
+        eprintln!("SKIP the demo's VM: qemu-system-x86_64 not found");
+        cmd.arg("--no-vm");
+    }
+    let out = cmd.output().expect("run demo");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(count_role(&s, "voter"), 3, "{s:#}");
-    assert!(members(&s).iter().all(|m| m["healthy"] == true), "{s:#}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let s = &v["cluster"];
+    assert_eq!(count_role(s, "voter"), 3, "{s:#}");
+    assert!(members(s).iter().all(|m| m["healthy"] == true), "{s:#}");
     assert!(dir.path().join("client.ticket").exists());
+    if have_qemu {
+        let vm = &v["vm"];
+        assert_eq!(vm["state"], "running", "{vm:#}");
+        assert_eq!(vm["healthy"], true, "{vm:#}");
+        // It runs on a node that fetched the image from the node the push reached.
+        let image = &v["image"];
+        assert_ne!(image["nodes"][0], vm["node"], "{v:#}");
+    }
 }
 
 /// GETs /metrics from the node whose data dir is `dir` (its address is in node.json).

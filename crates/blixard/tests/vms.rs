@@ -106,6 +106,20 @@ fn vms_run_where_the_cluster_decides_and_survive_node_loss() {
     c.cli_ok(&["vm", "stop", "web", "--wait", "--timeout", "60s"]);
     assert!(hypervisors_of(&c.node_dir(c.index_of(&host))).is_empty(), "a stopped VM has no hypervisor");
     c.cli_ok(&["vm", "start", "web", "--wait", "--timeout", "180s"]);
+    let host_dir = c.node_dir(c.index_of(&host));
+
+    // The guest's hypervisor dies: restart policy `always` boots it again, after a backoff.
+    let pids = hypervisors_of(&host_dir);
+    assert_eq!(pids.len(), 1);
+    let boots = logs(&c).matches(READY).count();
+    std::process::Command::new("kill").args(["-9", &pids[0].to_string()]).status().expect("kill");
+    let v = wait_for("web restarted after its hypervisor died", Duration::from_secs(120), || {
+        let v = c.json(&["vm", "info", "web"]).ok()?;
+        let again = logs(&c).matches(READY).count() > boots;
+        (v["state"] == "running" && v["healthy"] == true && again).then_some(v)
+    });
+    assert_ne!(hypervisors_of(&host_dir), pids, "a new hypervisor");
+    assert_eq!(v["node"], host.as_str());
 
     // An image in use cannot be removed.
     let out = c.cli(&["image", "rm", "test-guest"]);
@@ -131,13 +145,21 @@ fn vms_run_where_the_cluster_decides_and_survive_node_loss() {
         c.cli_ok(&["vm", "delete", n, "--wait", "--timeout", "60s"]);
     }
 
+    // Drain: the VM moves to another node (which must fetch the image too, or has it).
+    for n in c.nodes.iter().map(|n| n.id.clone()).collect::<Vec<_>>() {
+        c.cli_ok(&["node", "label", &n, "vmhost=yes"]);
+    }
+    c.cli_ok(&["node", "drain", &host]);
+    let v = wait_for("web running healthy off the drained node", Duration::from_secs(120), || {
+        let v = c.json(&["vm", "info", "web"]).ok()?;
+        (v["state"] == "running" && v["healthy"] == true && v["node"] != host.as_str()).then_some(v)
+    });
+    wait_for("the drained node to stop its copy", Duration::from_secs(30), || hypervisors_of(&host_dir).is_empty().then_some(()));
+    c.cli_ok(&["node", "drain", &host, "--undo"]);
+    let host = v["node"].as_str().expect("node").to_string();
+
     // Node loss: kill -9 the VM's node. Its hypervisor dies with it; after the node is dead
     // past the grace period the VM runs elsewhere.
-    for n in c.nodes.iter().map(|n| n.id.clone()).collect::<Vec<_>>() {
-        if n != host {
-            c.cli_ok(&["node", "label", &n, "vmhost=yes"]);
-        }
-    }
     let hi = c.index_of(&host);
     let host_dir = c.node_dir(hi);
     assert_eq!(hypervisors_of(&host_dir).len(), 1);
