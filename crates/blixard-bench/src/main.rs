@@ -20,6 +20,8 @@ use serde::Serialize;
 mod blixard;
 mod etcd;
 mod procs;
+mod sched;
+mod vm;
 mod workload;
 
 use workload::Stats;
@@ -60,6 +62,19 @@ struct Args {
     /// Skip etcd (Blixard figures and budgets only).
     #[arg(long)]
     skip_etcd: bool,
+    /// VM boots per VM benchmark (warm and cold, each against bare qemu); 0 skips them.
+    #[arg(long, default_value_t = 5)]
+    vm_boots: usize,
+    /// Skip the write benchmark (and etcd): budgets, VMs and the scheduler only.
+    #[arg(long)]
+    skip_writes: bool,
+    /// Scheduler benchmark: nodes, VMs, and how many feasible nodes each placement scores.
+    #[arg(long, default_value_t = 10_000)]
+    sched_nodes: usize,
+    #[arg(long, default_value_t = 100_000)]
+    sched_vms: usize,
+    #[arg(long, default_value_t = 64)]
+    sched_sample: usize,
     /// One JSON document on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -97,6 +112,8 @@ struct Report {
     results: Vec<Stats>,
     ratios: Vec<Ratio>,
     budgets: Budgets,
+    vms: Option<vm::VmStats>,
+    scheduler: sched::SchedStats,
 }
 
 fn main() -> ExitCode {
@@ -144,7 +161,7 @@ fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
         "blixard not found at {}: build it (cargo build --release -p blixard) or pass --blixard PATH",
         bin.display()
     );
-    if !args.skip_etcd {
+    if !args.skip_etcd && !args.skip_writes {
         ensure!(args.etcd.exists(), "etcd not found at {}: apt-get install etcd-server (or pass --etcd PATH)", args.etcd.display());
     }
     // Dropped last (declared first): every process below is stopped before it goes.
@@ -184,6 +201,15 @@ fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
     let (cli_median, cli_p90) = workload::median_p90(cli_ms);
     eprintln!("  CLI cluster status: median {cli_median:.1} ms, p90 {cli_p90:.1} ms");
 
+    let vms = if args.vm_boots > 0 {
+        eprintln!("VMs: {} boots each, warm and cold, against bare qemu", args.vm_boots);
+        let v = vm::run(rt, &cluster, root.path(), args.vm_boots)?;
+        eprintln!("  warm {:.3}x, cold {:.3}x ({})", v.warm_ratio, v.cold_ratio, v.accelerator);
+        Some(v)
+    } else {
+        None
+    };
+
     let ticket_text = cluster.cli_stdout(&["cluster", "ticket", "--role", "client"])?;
     let ticket = Ticket::decode(&ticket_text).context("the client ticket does not decode")?;
     let status = cluster.status()?;
@@ -203,7 +229,7 @@ fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
         let key = blixard_mesh::identity::load_or_create(&key_dir.join(format!("client{i}.key")))?;
         clients.push(Arc::new(rt.block_on(Client::new(key, ticket.clone())).context("cannot start the blixard client")?));
     }
-    for &c in &args.concurrency {
+    for &c in args.concurrency.iter().filter(|_| !args.skip_writes) {
         cluster.procs.check_alive()?;
         eprintln!("blixard: {c} client(s), {:.0} s (+{:.1} s warm-up)", args.duration, args.warmup);
         let workers = (0..c)
@@ -226,7 +252,7 @@ fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
     // ---- etcd ----
     let mut etcd_version = None;
     let mut etcd_entry = None;
-    if !args.skip_etcd {
+    if !args.skip_etcd && !args.skip_writes {
         eprintln!("starting a 3-member etcd cluster");
         let mut ec = rt.block_on(etcd::start(&args.etcd, root.path()))?;
         let leader = rt.block_on(ec.leader_index()).ok().flatten();
@@ -275,7 +301,11 @@ fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
         idle_cpu_pct,
         idle_cpu_secs: args.idle_secs,
     };
+    eprintln!("scheduler: {} nodes, {} VMs", args.sched_nodes, args.sched_vms);
+    let scheduler = sched::run(args.sched_nodes, args.sched_vms, args.sched_sample);
     Ok(Report {
+        vms,
+        scheduler,
         machine: machine(),
         blixard: blixard_version,
         etcd: etcd_version,
@@ -357,5 +387,37 @@ fn print_report(r: &Report) {
         b.idle_cpu_secs,
         list(&b.idle_cpu_pct, 2),
         pass(b.idle_cpu_pass)
+    );
+    if let Some(v) = &r.vms {
+        println!();
+        println!("VM boot to the console marker, {} boots each, accelerator {}, image {} bytes:", v.boots, v.accelerator, v.image_bytes);
+        println!(
+            "  warm: vm create --wait {:.3} s vs bare qemu {:.3} s (medians): {:.3}x  (goal <= 1.15x: {})",
+            v.warm_median_s,
+            v.bare_median_s,
+            v.warm_ratio,
+            pass(v.warm_ratio <= 1.15)
+        );
+        println!(
+            "  cold: vm create --wait {:.3} s vs image pull {:.3} s + bare qemu (median {:.3} s): {:.3}x  (goal <= 1.2x: {})",
+            v.cold_median_s,
+            v.fetch_median_s,
+            v.cold_baseline_median_s,
+            v.cold_ratio,
+            pass(v.cold_ratio <= 1.2)
+        );
+    }
+    let s = &r.scheduler;
+    println!();
+    println!(
+        "scheduler, {} nodes, {} VMs: {:.0} placements/s scoring <= {} feasible nodes ({} unplaced; goal >= 50000/s: {}); {:.0}/s scoring every node ({} VMs)",
+        s.nodes,
+        s.vms,
+        s.sampled_per_s,
+        s.sample,
+        s.sampled_unplaced,
+        pass(s.sampled_per_s >= 50_000.0),
+        s.full_per_s,
+        s.full_vms
     );
 }

@@ -89,13 +89,7 @@ pub async fn round(ctx: &NodeCtx) -> usize {
                     placed += 1;
                     // Count it at once, so this round does not overfill the node.
                     if let Some(v) = views.iter_mut().find(|v| v.id == node) {
-                        v.used.cpus += spec.vcpus;
-                        v.used.memory_mib += spec.memory_mib;
-                        v.used.disk_gib += spec.disk_gib;
-                        v.images.insert(spec.image.clone());
-                        if let Some(g) = &spec.anti_affinity {
-                            v.groups.insert(g.clone());
-                        }
+                        blixard_scheduler::charge(v, &spec);
                     }
                 }
                 Ok(CommandResult::Refused(r)) => warn!(vm = %name, reason = %r, "placement refused"),

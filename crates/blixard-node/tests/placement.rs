@@ -59,7 +59,7 @@ async fn vms_are_placed_and_move_off_dead_nodes() {
         hash: "ab".repeat(32),
         size: 1,
         kind: blixard_types::image::ImageKind::Bundle,
-        name: Some("test-guest".into()),
+        name: Some("img".into()),
     };
     assert_eq!(ctx.propose(a.id(), publish).await.expect("publish"), CommandResult::Ok);
     for (name, vcpus) in [("small", 1), ("big", 3), ("huge", 64)] {

@@ -148,6 +148,17 @@ fn score(node: &NodeView, spec: &VmSpec, policy: &Policy) -> f64 {
     fit + local
 }
 
+/// Counts `spec` as placed on `node` (so the next decision of the same round sees it).
+pub fn charge(node: &mut NodeView, spec: &VmSpec) {
+    node.used.cpus += spec.vcpus;
+    node.used.memory_mib += spec.memory_mib;
+    node.used.disk_gib += spec.disk_gib;
+    node.images.insert(spec.image.clone());
+    if let Some(g) = &spec.anti_affinity {
+        node.groups.insert(g.clone());
+    }
+}
+
 /// Chooses a node for `spec`.
 pub fn place(nodes: &[NodeView], spec: &VmSpec, policy: &Policy, salt: u64) -> Result<NodeId, Unschedulable> {
     let n = nodes.len();

@@ -11,9 +11,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use blixard_vmm::qemu::{detect_accel, host_tsc_khz, qemu_args};
+use blixard_vmm::qemu::detect_accel;
 use blixard_vmm::*;
-use tokio::io::AsyncReadExt;
 
 const MARKER: &str = "BLIXARD-GUEST-READY";
 
@@ -46,41 +45,8 @@ fn stats(v: &[Duration]) -> (Duration, Duration) {
     (s[0], median)
 }
 
-/// Bare qemu with the backend's exact arguments; time from spawn to the marker on stdout.
 async fn bare_boot(spec: &VmSpec, accel: Accel, dir: &std::path::Path) -> Result<Duration, String> {
-    let sock = dir.join("bare.sock");
-    let _ = std::fs::remove_file(&sock);
-    let args =
-        qemu_args(spec, accel, host_tsc_khz(), &sock, None, "").map_err(|e| e.to_string())?;
-    let t0 = Instant::now();
-    let mut child = tokio::process::Command::new("qemu-system-x86_64")
-        .args(&args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot run qemu: {e}"))?;
-    let mut out = child.stdout.take().ok_or("no stdout")?;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    let found = tokio::time::timeout(Duration::from_secs(120), async {
-        loop {
-            let n = out.read(&mut buf).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("qemu exited before the marker".to_string());
-            }
-            seen.extend_from_slice(&buf[..n]);
-            if seen.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()) {
-                return Ok(t0.elapsed());
-            }
-        }
-    })
-    .await
-    .map_err(|_| "timeout".to_string())?;
-    let _ = child.kill().await;
-    let _ = std::fs::remove_file(&sock);
-    found
+    blixard_vmm::qemu::bare_boot(spec, accel, dir, MARKER).await
 }
 
 async fn backend_boot(b: &dyn VmBackend, name: &str) -> Result<Duration, String> {

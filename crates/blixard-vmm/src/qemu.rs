@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::backend::Accel;
 use crate::control::Control;
@@ -300,6 +301,45 @@ impl QemuBackend {
 
 delegate_backend!(QemuBackend);
 
+/// Boots `spec` (a bundle) with bare `qemu-system-x86_64` and the backend's exact
+/// arguments, and returns the time from spawn until `marker` appears on its console (then
+/// kills it). The baseline of the boot benchmarks.
+pub async fn bare_boot(spec: &VmSpec, accel: Accel, dir: &Path, marker: &str) -> Result<Duration, String> {
+    use tokio::io::AsyncReadExt;
+    let sock = dir.join("bare.sock");
+    let _ = std::fs::remove_file(&sock);
+    let args = qemu_args(spec, accel, host_tsc_khz(), &sock, None, "").map_err(|e| e.to_string())?;
+    let t0 = std::time::Instant::now();
+    let mut child = tokio::process::Command::new("qemu-system-x86_64")
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run qemu: {e}"))?;
+    let mut out = child.stdout.take().ok_or("no stdout")?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let found = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let n = out.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("qemu exited before the marker".to_string());
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                return Ok(t0.elapsed());
+            }
+        }
+    })
+    .await
+    .map_err(|_| "timeout".to_string())?;
+    let _ = child.kill().await;
+    let _ = std::fs::remove_file(&sock);
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,3 +410,4 @@ mod tests {
         assert!("bogus".parse::<AccelMode>().is_err());
     }
 }
+

@@ -23,7 +23,7 @@ impl Bar {
         self.last_draw = Some(Instant::now());
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         let rate = done as f64 / secs;
-        let pct = if total > 0 { (done.min(total) * 100 / total) as usize } else { 0 };
+        let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as usize;
         let eta = if rate > 0.0 && total > done { format!("{:.0}s", (total - done) as f64 / rate) } else { "-".into() };
         let bar: String = (0..30).map(|i| if i * 100 / 30 < pct { '#' } else { '.' }).collect();
         let _ = write!(
