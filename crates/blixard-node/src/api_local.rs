@@ -49,7 +49,9 @@ pub(crate) fn resolve_image(ctx: &NodeCtx, reference: &str) -> Result<String, Ap
 async fn pull(ctx: &NodeCtx, hash: &str) -> Result<PullReport, ApiError> {
     let started = Instant::now();
     let providers = crate::images::providers(ctx, hash);
-    let stats = ctx.images.fetch(hash, providers).await.map_err(|e| ApiError::Refused(e.to_string()))?;
+    let r = ctx.images.fetch(hash, providers).await;
+    ctx.metrics.observe_fetch(&r);
+    let stats = r.map_err(|e| ApiError::Refused(e.to_string()))?;
     ctx.images.materialise(hash).await.map_err(|e| ApiError::Refused(e.to_string()))?;
     let image = image_info(ctx, hash).ok_or_else(|| refused(Refusal::UnknownImage(hash.to_string())))?;
     Ok(PullReport {
@@ -86,7 +88,9 @@ async fn push(
     crate::images::parse_hash(&hash).map_err(|e| ApiError::Invalid(e.to_string()))?;
     let addr = blixard_mesh::endpoint_addr(&provider.id, &provider.addrs)
         .ok_or_else(|| ApiError::Invalid("the provider's key is not a valid key".into()))?;
-    let stats = ctx.images.fetch(&hash, vec![addr]).await.map_err(|e| ApiError::Refused(e.to_string()))?;
+    let r = ctx.images.fetch(&hash, vec![addr]).await;
+    ctx.metrics.observe_fetch(&r);
+    let stats = r.map_err(|e| ApiError::Refused(e.to_string()))?;
     let kind = ctx.images.kind(&hash).await.map_err(|e| ApiError::Refused(e.to_string()))?;
     let size = ctx
         .images

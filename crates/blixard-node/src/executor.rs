@@ -282,6 +282,9 @@ impl Executor {
             tokio::spawn(
                 async move {
                     let res = me.execute(&name, acts, backend, spec).await;
+                    if res.is_err() {
+                        me.ctx.metrics.vm_op_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     let _ = done.send((name, res));
                 }
                 .instrument(span),
@@ -374,7 +377,9 @@ impl Executor {
     async fn fetch_and_materialise(&self, hash: &str) -> Result<(), String> {
         if !self.images.holds(hash) {
             let providers = crate::images::providers(&self.ctx, hash);
-            let stats = self.images.fetch(hash, providers).await.map_err(|e| e.to_string())?;
+            let r = self.images.fetch(hash, providers).await;
+            self.ctx.metrics.observe_fetch(&r);
+            let stats = r.map_err(|e| e.to_string())?;
             info!(bytes = stats.bytes_transferred, parts = stats.parts, ms = stats.elapsed.as_millis() as u64, "image fetched");
         }
         self.images.materialise(hash).await.map_err(|e| e.to_string())?;
@@ -391,6 +396,9 @@ impl Executor {
     ) -> Result<(), String> {
         for a in actions {
             debug!(action = ?a, "executing");
+            if !matches!(a, Action::Report(..)) {
+                self.ctx.metrics.vm_ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             match a {
                 Action::Report(_, report) => {
                     let cmd = Command::ReportVm { name: name.to_string(), report };

@@ -1,7 +1,8 @@
 //! Prometheus metrics: `GET /metrics` in the text exposition format, on a TCP address
 //! bound to localhost by default. Families: Raft (term, commit/applied index, leadership,
 //! leader changes, apply latency), mesh (connections accepted/refused, dials, RPC bytes),
-//! cluster (members, VMs).
+//! cluster (members, VMs, images), this node's VMs by state and VM operations, images
+//! (held, fetches, bytes), placement (on the leader).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -26,6 +27,31 @@ pub struct Metrics {
     apply_count: AtomicU64,
     apply_sum_us: AtomicU64,
     pub leader_changes: AtomicU64,
+    /// VM operations the executor carried out (create, start, stop, ...), and those that failed.
+    pub vm_ops: AtomicU64,
+    pub vm_op_failures: AtomicU64,
+    /// Image fetches onto this node, failed ones, and payload bytes received.
+    pub image_fetches: AtomicU64,
+    pub image_fetch_failures: AtomicU64,
+    pub image_fetch_bytes: AtomicU64,
+    /// Placements recorded by this node as leader, and VMs it could not place.
+    pub placements: AtomicU64,
+    pub placement_failures: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts one image fetch and what it received.
+    pub fn observe_fetch<E>(&self, r: &Result<blixard_images::FetchStats, E>) {
+        self.image_fetches.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Ok(s) => {
+                self.image_fetch_bytes.fetch_add(s.bytes_transferred, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.image_fetch_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 impl Metrics {
@@ -60,12 +86,32 @@ pub fn render(ctx: &NodeCtx) -> String {
     gauge("blixard_mesh_dial_failures_total", "Outbound connection attempts that failed.", "counter", counters::get(&counters::DIAL_FAILURES));
     gauge("blixard_mesh_rpc_bytes_sent_total", "Bytes of RPC frames sent.", "counter", counters::get(&counters::BYTES_SENT));
     gauge("blixard_mesh_rpc_bytes_received_total", "Bytes of RPC frames received.", "counter", counters::get(&counters::BYTES_RECEIVED));
-    let (members, vms) = {
+    let (members, vms, images, mut by_state) = {
         let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
-        (st.state.nodes.len() as u64, st.state.vms.len() as u64)
+        let mut by_state = std::collections::BTreeMap::new();
+        for v in st.state.vms.values().filter(|v| v.node == Some(ctx.id)) {
+            *by_state.entry(v.state.to_string()).or_insert(0u64) += 1;
+        }
+        (st.state.nodes.len() as u64, st.state.vms.len() as u64, st.state.images.len() as u64, by_state)
     };
     gauge("blixard_cluster_members", "Members in the applied cluster state.", "gauge", members);
     gauge("blixard_cluster_vms", "VMs in the applied cluster state.", "gauge", vms);
+    gauge("blixard_cluster_images", "Images in the catalogue.", "gauge", images);
+    gauge("blixard_node_images_held", "Images held complete on this node.", "gauge", ctx.images.held().len() as u64);
+    let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let m2 = &ctx.metrics;
+    gauge("blixard_node_vm_operations_total", "VM operations carried out by this node's reconciler.", "counter", c(&m2.vm_ops));
+    gauge("blixard_node_vm_operation_failures_total", "VM operations that failed.", "counter", c(&m2.vm_op_failures));
+    gauge("blixard_node_image_fetches_total", "Image fetches onto this node.", "counter", c(&m2.image_fetches));
+    gauge("blixard_node_image_fetch_failures_total", "Image fetches that failed.", "counter", c(&m2.image_fetch_failures));
+    gauge("blixard_node_image_fetch_bytes_total", "Image bytes received from peers.", "counter", c(&m2.image_fetch_bytes));
+    gauge("blixard_placements_total", "VMs placed by this node as leader.", "counter", c(&m2.placements));
+    gauge("blixard_placement_failures_total", "Placement attempts that found no node.", "counter", c(&m2.placement_failures));
+    let name = "blixard_node_vms";
+    let _ = writeln!(out, "# HELP {name} VMs placed on this node, by the state it reported.\n# TYPE {name} gauge");
+    for st in ["pending", "fetching", "starting", "running", "paused", "stopped", "failed"] {
+        let _ = writeln!(out, "{name}{{state=\"{st}\"}} {}", by_state.remove(st).unwrap_or(0));
+    }
     let name = "blixard_raft_apply_latency_seconds";
     let _ = writeln!(out, "# HELP {name} Time from proposing a command to it being applied, on the leader.");
     let _ = writeln!(out, "# TYPE {name} histogram");

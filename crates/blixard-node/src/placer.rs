@@ -86,6 +86,7 @@ pub async fn round(ctx: &NodeCtx) -> usize {
             Ok(node) => match ctx.propose(ctx.id, Command::PlaceVm { name: name.clone(), node }).await {
                 Ok(CommandResult::Ok) => {
                     info!(vm = %name, node = %node.short(), moved_from = ?from.map(|f| f.short()), "placed");
+                    ctx.metrics.placements.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     placed += 1;
                     // Count it at once, so this round does not overfill the node.
                     if let Some(v) = views.iter_mut().find(|v| v.id == node) {
@@ -100,6 +101,7 @@ pub async fn round(ctx: &NodeCtx) -> usize {
             },
             Err(unschedulable) => {
                 let reason = unschedulable.to_string();
+                ctx.metrics.placement_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if error.as_deref() != Some(format!("cannot place: {reason}").as_str()) {
                     let _ = ctx.propose(ctx.id, Command::PlacementFailed { name: name.clone(), reason }).await;
                 }

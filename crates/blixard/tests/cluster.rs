@@ -167,17 +167,4 @@ fn demo_starts_a_cluster_and_boots_a_vm() {
     }
 }
 
-/// GETs /metrics from the node whose data dir is `dir` (its address is in node.json).
-fn scrape(dir: &std::path::Path) -> String {
-    use std::io::{Read, Write};
-    let local: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("node.json")).expect("node.json")).expect("json");
-    let addr = local["metrics"].as_str().expect("metrics address recorded");
-    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
-}
 

@@ -91,6 +91,12 @@ fn vms_run_where_the_cluster_decides_and_survive_node_loss() {
         i["nodes"].as_array()?.iter().any(|n| n == host.as_str()).then_some(())
     });
     eprintln!("image holders after create: {holders:?}");
+    // The node's metrics count what it did.
+    let text = scrape(&c.node_dir(c.index_of(&host)));
+    assert_eq!(metric(&text, "blixard_node_vms{state=\"running\"}"), Some(1.0), "{text}");
+    assert!(metric(&text, "blixard_node_image_fetch_bytes_total").is_some_and(|b| b > 1e6), "{text}");
+    assert!(metric(&text, "blixard_node_vm_operations_total").is_some_and(|n| n >= 2.0), "{text}");
+    assert_eq!(metric(&text, "blixard_cluster_images"), Some(1.0));
 
     // Every operation through the CLI, answered by whichever node it reached (the logs come
     // from the VM's node through it).
@@ -189,4 +195,98 @@ fn vms_run_where_the_cluster_decides_and_survive_node_loss() {
     assert_eq!(c.json(&["image", "list"]).expect("list").as_array().map(Vec::len), Some(0));
     let out = c.cli(&["vm", "create", "x", "--image", "test-guest"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no image \"test-guest\""), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `nix-build`s a microvm.nix-style runner of the test guest: kernel, initrd and disk as
+/// store paths, and a runner whose `bin/microvm-run` refers to them. Returns the `result`
+/// link and the closure's store paths. `None`: no Nix here (skip).
+fn build_runner_closure(bundle: &Path, dir: &Path) -> Option<(PathBuf, Vec<String>)> {
+    let env = [("NIX_CONFIG", "build-users-group =\nsubstituters =\nsandbox = false\n")];
+    let have_nix = std::process::Command::new("nix-build").arg("--version").envs(env).output().is_ok_and(|o| o.status.success());
+    if !have_nix {
+        assert!(!std::env::var("BLIXARD_REQUIRE_REAL").is_ok_and(|v| v == "1"), "nix-build not found (apt-get install nix-bin)");
+        eprintln!("SKIP nix closure VM: nix-build not found");
+        return None;
+    }
+    let template = std::fs::read_to_string(bundle.join("../runner/bin/microvm-run")).expect("runner script");
+    let nonce = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_nanos());
+    let b = bundle.canonicalize().expect("bundle path");
+    // The generated runner names the bundle's files and its share dir: point them into the store.
+    let script = template
+        .replace(&format!("{}/kernel", b.display()), "@KERNEL@")
+        .replace(&format!("{}/initrd.cpio.gz", b.display()), "@INITRD@")
+        .replace(&format!("{}/disk.img", b.display()), "@DISK@")
+        .replace(&format!("SHARE={}", b.join("../runner/share/microvm").canonicalize().expect("share").display()), "SHARE=@out@/share/microvm");
+    assert!(!script.contains(&b.display().to_string()), "runner still refers to the bundle dir:\n{script}");
+    // As a Nix string: escape, keeping the shell's own `${...}` literal, then interpolate the
+    // three store paths.
+    let script = script
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace("${", "\\${")
+        .replace("@KERNEL@", "${kernel}")
+        .replace("@INITRD@", "${initrd}")
+        .replace("@DISK@", "${disk}");
+    let expr = format!(
+        r#"let
+  kernel = builtins.path {{ path = {b}/kernel; name = "kernel-{nonce}"; }};
+  initrd = builtins.path {{ path = {b}/initrd.cpio.gz; name = "initrd-{nonce}"; }};
+  disk = builtins.path {{ path = {b}/disk.img; name = "disk-{nonce}"; }};
+in derivation {{
+  name = "microvm-qemu-blixard-test-{nonce}"; system = builtins.currentSystem; builder = "/bin/sh";
+  runScript = "{script}";
+  args = [ "-c" "/bin/mkdir -p $out/bin $out/share/microvm; printf '%s' \"$runScript\" | /bin/sed \"s|@out@|$out|g\" > $out/bin/microvm-run; /bin/chmod +x $out/bin/microvm-run; echo qemu > $out/share/microvm/hypervisor; : > $out/share/microvm/tap-interfaces" ];
+}}"#,
+        b = b.display(),
+    );
+    let f = dir.join("runner.nix");
+    std::fs::write(&f, expr).expect("write runner.nix");
+    let result = dir.join("result");
+    let out = std::process::Command::new("nix-build").envs(env).arg(&f).arg("-o").arg(&result).output().expect("nix-build");
+    assert!(out.status.success(), "nix-build: {}", String::from_utf8_lossy(&out.stderr));
+    let q = std::process::Command::new("nix-store").envs(env).arg("-qR").arg(&result).output().expect("nix-store -qR");
+    let paths = String::from_utf8_lossy(&q.stdout).lines().map(str::to_string).collect();
+    Some((result, paths))
+}
+
+#[test]
+fn a_nix_closure_boots_through_the_microvm_backend_after_a_verified_import() {
+    let Some(bundle) = guest() else { return };
+    let mut c = three_nodes();
+    c.refresh_client_ticket();
+    let work = c.root.path().join("nix");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    let Some((result, paths)) = build_runner_closure(&bundle, &work) else { return };
+    assert_eq!(paths.len(), 4, "runner, kernel, initrd, disk: {paths:?}");
+
+    let pushed = c.json(&["image", "push", result.to_str().expect("utf8"), "--name", "runner"]).expect("push closure");
+    assert_eq!(pushed["kind"], "nix-closure");
+    // Take the closure out of this host's Nix store: the VM's node must import it from the
+    // mesh (verified against the manifest's NAR hashes) before it can boot it.
+    let env = [("NIX_CONFIG", "build-users-group =\n")];
+    let drv = std::process::Command::new("nix-store").envs(env).arg("-qd").arg(&result).output().expect("nix-store -qd");
+    let drv = String::from_utf8_lossy(&drv.stdout).trim().to_string();
+    std::fs::remove_file(&result).expect("drop the result link");
+    // The derivation that built the runner refers to the kernel, initrd and disk: it goes too.
+    let del = std::process::Command::new("nix-store")
+        .envs(env)
+        .arg("--delete")
+        .args(std::iter::once(&drv).filter(|d| d.ends_with(".drv")))
+        .args(&paths)
+        .output()
+        .expect("nix-store --delete");
+    assert!(del.status.success(), "nix-store --delete: {}", String::from_utf8_lossy(&del.stderr));
+    assert!(paths.iter().all(|p| !Path::new(p).exists()), "closure still in the store");
+
+    let v = c
+        .json(&["vm", "create", "nixvm", "--image", "runner", "--health", &format!("console:{READY}"), "--wait", "--timeout", "180s"])
+        .expect("vm create --wait");
+    assert_eq!(v["state"], "running");
+    assert!(paths.iter().all(|p| Path::new(p).exists()), "closure imported into the Nix store");
+    let host = v["node"].as_str().expect("node");
+    let log = c.log_of(&c.node_dir(c.index_of(host)));
+    assert!(log.contains("backend=\"microvm\""), "booted through the microvm backend");
+
+    c.cli_ok(&["vm", "delete", "nixvm", "--wait", "--timeout", "60s"]);
+    c.cli_ok(&["image", "rm", "runner"]);
 }
