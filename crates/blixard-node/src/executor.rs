@@ -32,8 +32,13 @@ use crate::images::NodeImages;
 use crate::node::NodeCtx;
 use crate::now_ms;
 
-/// How often the executor looks even when nothing was applied.
-const TICK: Duration = Duration::from_millis(500);
+/// How often the executor looks when nothing was applied: often while a VM of this node is
+/// on its way somewhere (starting, fetching), rarely when all are where they should be.
+const TICK_BUSY: Duration = Duration::from_millis(250);
+const TICK_IDLE: Duration = Duration::from_secs(2);
+/// How long a booting guest may take to show its readiness marker before the watcher stops
+/// waiting (the periodic health check still sees it later).
+const READY_WATCH: Duration = Duration::from_secs(300);
 /// How long a guest gets to shut down before its hypervisor is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -162,6 +167,8 @@ pub struct Executor {
     backends: Arc<Backends>,
     /// Image fetches by hash: in progress, done, or failed (until a VM picked the failure up).
     fetches: Arc<Mutex<BTreeMap<String, ImageState>>>,
+    /// Wakes the loop when something it waits for happened (a fetch ended, a guest is ready).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 /// What a VM task tells the loop when it ends.
@@ -169,7 +176,7 @@ type Done = (String, Result<(), String>);
 
 impl Executor {
     pub fn new(ctx: NodeCtx, images: Arc<NodeImages>, backends: Arc<Backends>) -> Self {
-        Self { ctx, images, backends, fetches: Default::default() }
+        Self { ctx, images, backends, fetches: Default::default(), wake: Default::default() }
     }
 
     /// Runs until the node stops. Acts only once this node has applied everything the
@@ -189,11 +196,13 @@ impl Executor {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let mut metrics = self.ctx.raft.metrics();
         let mut applied = None;
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A deadline, not a fresh sleep per iteration: metrics change far more often than
+        // the tick (every heartbeat) and must not keep postponing it.
+        let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep_until(next) => {}
+                _ = self.wake.notified() => {}
                 Some((name, res)) = done_rx.recv() => {
                     busy.remove(&name);
                     if let Err(e) = res {
@@ -213,7 +222,8 @@ impl Executor {
                     applied = now;
                 }
             }
-            self.round(&mut memory, &mut busy, &done_tx).instrument(info_span!("reconcile")).await;
+            let settled = self.round(&mut memory, &mut busy, &done_tx).instrument(info_span!("reconcile")).await;
+            next = tokio::time::Instant::now() + if settled && busy.is_empty() { TICK_IDLE } else { TICK_BUSY };
         }
     }
 
@@ -245,7 +255,9 @@ impl Executor {
         info!("caught up with the cluster; reconciling");
     }
 
-    async fn round(&self, memory: &mut BTreeMap<String, Memory>, busy: &mut BTreeSet<String>, done: &mpsc::UnboundedSender<Done>) {
+    /// One reconciliation round. Returns whether every VM here is where it should be (no
+    /// actions, nothing fetching or starting), so the loop may look less often.
+    async fn round(&self, memory: &mut BTreeMap<String, Memory>, busy: &mut BTreeSet<String>, done: &mpsc::UnboundedSender<Done>) -> bool {
         let wanted = self.wanted();
         let local = self.backends.list().await;
         let observed: BTreeMap<String, Observed> = local
@@ -260,6 +272,12 @@ impl Executor {
         let observed_now: BTreeMap<String, Observed> = observed.into_iter().filter(|(n, _)| !busy.contains(n)).collect();
         let actions = plan(&wanted_now, &observed_now, memory, now_ms());
         memory.extend(parked);
+        tracing::trace!(?actions, observed = ?observed_now, "planned");
+        let settled = actions.is_empty()
+            && wanted_now.values().all(|w| {
+                use blixard_types::vm::VmState as S;
+                !matches!(w.recorded.state, S::Pending | S::Fetching | S::Starting)
+            });
 
         let mut per_vm: BTreeMap<String, Vec<Action>> = BTreeMap::new();
         for a in actions {
@@ -290,6 +308,7 @@ impl Executor {
                 .instrument(span),
             );
         }
+        settled
     }
 
     /// What the cluster wants on this node.
@@ -369,6 +388,7 @@ impl Executor {
                     }
                 };
                 me.fetches.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, state);
+                me.wake.notify_one();
             }
             .instrument(span),
         );
@@ -434,10 +454,35 @@ impl Executor {
                     };
                     let s = r.map_err(|e| e.to_string())?;
                     info!(state = %s.state, "done: {}", action_name(&other));
+                    if matches!(other, Action::Start(_) | Action::Reboot(_)) {
+                        self.watch_ready(b.clone(), name, spec.as_ref(), s.console_bytes);
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Reports a booting guest ready the moment it is: waits for its console marker (or,
+    /// without a health check, any console output), runs its checks at once, and wakes the
+    /// loop, instead of leaving it to the next periodic health check.
+    fn watch_ready(&self, b: Arc<dyn VmBackend>, name: &str, spec: Option<&blixard_types::vm::VmSpec>, from: u64) {
+        let needle = match spec.and_then(|s| s.health.as_ref()) {
+            Some(HealthCheck::Console(m)) => m.clone(),
+            Some(_) => return,
+            // Any output: the first newline will do.
+            None => "\n".to_string(),
+        };
+        let (name, wake) = (name.to_string(), self.wake.clone());
+        tokio::spawn(
+            async move {
+                if b.wait_console(&name, &needle, from, READY_WATCH).await.is_ok() {
+                    let _ = b.health(&name).await;
+                    wake.notify_one();
+                }
+            }
+            .instrument(info_span!("ready_watch")),
+        );
     }
 
     /// The backend spec of a cluster VM, from its materialised image.

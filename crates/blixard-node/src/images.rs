@@ -42,7 +42,7 @@ impl NodeImages {
         opts.nix = nix_options();
         // The collector only runs when `gc` asks; polling for that request less often
         // keeps an idle node idle.
-        opts.gc_poll = std::time::Duration::from_secs(1);
+        opts.gc_poll = std::time::Duration::from_secs(2);
         let store = ImageStore::open(endpoint, opts).await?;
         let me = Self { store, held: RwLock::new(BTreeSet::new()) };
         me.refresh_held().await;

@@ -17,17 +17,42 @@ pub const GRACE: Duration = Duration::from_secs(10);
 /// Most placements proposed per round (a round is at most every `TICK`).
 const PER_ROUND: usize = 256;
 const TICK: Duration = Duration::from_millis(500);
+/// Least time between two rounds.
+const MIN_GAP: Duration = Duration::from_millis(50);
 
 /// Places VMs while this node is the leader; runs until the node stops.
 pub async fn run(ctx: NodeCtx) {
     let mut metrics = ctx.raft.metrics();
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut applied = None;
+    let mut last = std::time::Instant::now();
+    let mut next = tokio::time::Instant::now() + TICK;
     loop {
-        tick.tick().await;
+        // A new entry (a VM created, a node gone) is placed at once; the tick catches the
+        // passage of time (a node dead for long enough). A deadline, so that metrics
+        // changing on every heartbeat do not postpone it.
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {
+                next = tokio::time::Instant::now() + TICK;
+            }
+            r = metrics.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let now = metrics.borrow_and_update().last_applied;
+                if now == applied {
+                    continue;
+                }
+                applied = now;
+            }
+        }
         if metrics.borrow_and_update().current_leader != Some(ctx.id) {
             continue;
         }
+        // Under a stream of writes, place at most every MIN_GAP (a round reads every node).
+        if let Some(wait) = MIN_GAP.checked_sub(last.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+        last = std::time::Instant::now();
         round(&ctx).instrument(tracing::info_span!("placement")).await;
     }
 }
