@@ -194,8 +194,7 @@ impl Executor {
             .collect();
         let mut busy: BTreeSet<String> = BTreeSet::new();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-        let mut metrics = self.ctx.raft.metrics();
-        let mut applied = None;
+        let mut applied = self.ctx.applied.clone();
         // A deadline, not a fresh sleep per iteration: metrics change far more often than
         // the tick (every heartbeat) and must not keep postponing it.
         let mut next = tokio::time::Instant::now();
@@ -210,16 +209,10 @@ impl Executor {
                         memory.entry(name).or_default().record_failure(e, now_ms());
                     }
                 }
-                r = metrics.changed() => {
+                r = applied.changed() => {
                     if r.is_err() {
                         return;
                     }
-                    // Only a newly applied entry is worth a round; heartbeats are not.
-                    let now = metrics.borrow_and_update().last_applied;
-                    if now == applied {
-                        continue;
-                    }
-                    applied = now;
                 }
             }
             let settled = self.round(&mut memory, &mut busy, &done_tx).instrument(info_span!("reconcile")).await;

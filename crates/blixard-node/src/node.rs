@@ -88,6 +88,8 @@ pub struct NodeCtx {
     pub images: Arc<crate::images::NodeImages>,
     /// This node's VM backends.
     pub backends: Arc<crate::executor::Backends>,
+    /// The index of the last applied entry (wakes the placer and the executor).
+    pub applied: tokio::sync::watch::Receiver<u64>,
 }
 
 impl NodeCtx {
@@ -261,6 +263,7 @@ impl Node {
         sm_store.observe(audit_tx);
         tokio::spawn(crate::audit::run(dir.audit_log(), audit_rx));
         let state = sm_store.shared();
+        let applied = sm_store.applied_index();
         // The applied state holds only the last snapshot until Raft replays the log, so ask
         // the log whether this data dir was used.
         let is_member_already = {
@@ -323,6 +326,7 @@ impl Node {
             placement_grace: cfg.placement_grace,
             images: images.clone(),
             backends: backends.clone(),
+            applied,
         };
 
         let members: Authorizer = {

@@ -22,8 +22,8 @@ const MIN_GAP: Duration = Duration::from_millis(50);
 
 /// Places VMs while this node is the leader; runs until the node stops.
 pub async fn run(ctx: NodeCtx) {
-    let mut metrics = ctx.raft.metrics();
-    let mut applied = None;
+    let metrics = ctx.raft.metrics();
+    let mut applied = ctx.applied.clone();
     let mut last = std::time::Instant::now();
     let mut next = tokio::time::Instant::now() + TICK;
     loop {
@@ -34,18 +34,13 @@ pub async fn run(ctx: NodeCtx) {
             _ = tokio::time::sleep_until(next) => {
                 next = tokio::time::Instant::now() + TICK;
             }
-            r = metrics.changed() => {
+            r = applied.changed() => {
                 if r.is_err() {
                     return;
                 }
-                let now = metrics.borrow_and_update().last_applied;
-                if now == applied {
-                    continue;
-                }
-                applied = now;
             }
         }
-        if metrics.borrow_and_update().current_leader != Some(ctx.id) {
+        if metrics.borrow().current_leader != Some(ctx.id) {
             continue;
         }
         // Under a stream of writes, place at most every MIN_GAP (a round reads every node).

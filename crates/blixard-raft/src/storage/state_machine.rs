@@ -92,6 +92,10 @@ pub struct StateMachineStore<C: StorageConfig = TypeConfig> {
     snapshot_counter: Arc<AtomicU64>,
     /// Told about every applied normal entry (audit log, reconcilers).
     observer: Option<tokio::sync::mpsc::UnboundedSender<AppliedEntry>>,
+    /// The index of the last applied entry, for tasks that act on state changes (a watch
+    /// wakes them only when something was applied, unlike Raft's metrics, which change on
+    /// every heartbeat).
+    applied_tx: tokio::sync::watch::Sender<u64>,
     /// See [`super::OpenOptions::inline_io`].
     inline_io: bool,
 }
@@ -128,13 +132,21 @@ impl<C: StorageConfig> fmt::Debug for SnapshotBuilder<C> {
 
 impl<C: StorageConfig> StateMachineStore<C> {
     pub(crate) fn new(db: Arc<Database>, applied: Applied<C>, snapshot_counter: u64, inline_io: bool) -> Self {
+        let index = applied.last_applied.as_ref().map(|l| l.index).unwrap_or(0);
         Self {
             db,
             shared: Arc::new(RwLock::new(applied)),
             snapshot_counter: Arc::new(AtomicU64::new(snapshot_counter)),
             observer: None,
+            applied_tx: tokio::sync::watch::Sender::new(index),
             inline_io,
         }
+    }
+
+    /// Watches the index of the last applied entry (changes only when entries are applied
+    /// or a snapshot is installed).
+    pub fn applied_index(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied_tx.subscribe()
     }
 
     /// Sends every applied normal entry to `tx` from now on (entries re-applied after a
@@ -298,6 +310,9 @@ impl<C: StorageConfig> RaftStateMachine<C> for StateMachineStore<C> {
             responses.push(response);
         }
         tracing::trace!(n = responses.len(), last_applied = ?applied.last_applied, "applied");
+        if let Some(l) = &applied.last_applied {
+            self.applied_tx.send_replace(l.index);
+        }
         Ok(responses)
     }
 
@@ -331,6 +346,9 @@ impl<C: StorageConfig> RaftStateMachine<C> for StateMachineStore<C> {
         {
             let mut applied = self.shared.write().map_err(|_| poisoned::<C>(ErrorVerb::Write))?;
             *applied = new_applied;
+            if let Some(l) = &applied.last_applied {
+                self.applied_tx.send_replace(l.index);
+            }
         }
         span.in_scope(|| tracing::debug!(bytes = data.len(), written, "snapshot installed"));
         Ok(())
