@@ -14,6 +14,8 @@ use iroh::{Endpoint, SecretKey};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long to wait for one member to connect before also trying the next.
 const CONNECT_STAGGER: Duration = Duration::from_millis(150);
+/// How long a request is retried while the cluster has no leader.
+const NO_LEADER_RETRY: Duration = Duration::from_secs(10);
 /// How long to wait for any member to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -68,12 +70,23 @@ impl Client {
 
     /// [`Self::request`] for requests that take long (a push waits for the whole upload).
     pub async fn request_timeout(&self, req: &ClientRequest, timeout: Duration) -> Result<ClientResponse, ClientError> {
-        match self.try_peers(req, timeout).await {
-            Err(ClientError::Refused(_)) => {
-                self.authorize().await?;
-                self.try_peers(req, timeout).await
+        // "No leader" means the request was not carried out (an election is under way):
+        // ask again for a few seconds before giving up.
+        let deadline = tokio::time::Instant::now() + NO_LEADER_RETRY;
+        loop {
+            let r = match self.try_peers(req, timeout).await {
+                Err(ClientError::Refused(_)) => {
+                    self.authorize().await?;
+                    self.try_peers(req, timeout).await
+                }
+                other => other,
+            };
+            match r {
+                Err(ClientError::Api(ApiError::NoLeader)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 

@@ -195,6 +195,8 @@ impl Executor {
         let mut busy: BTreeSet<String> = BTreeSet::new();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let mut applied = self.ctx.applied.clone();
+        let mut quorum_seen = std::time::Instant::now();
+        let mut fenced = false;
         // A deadline, not a fresh sleep per iteration: metrics change far more often than
         // the tick (every heartbeat) and must not keep postponing it.
         let mut next = tokio::time::Instant::now();
@@ -215,8 +217,58 @@ impl Executor {
                     }
                 }
             }
+            // Self-fencing: when the voters this node cannot see could form a majority, for
+            // half the placement grace, it stops its VMs: that majority places them
+            // elsewhere once the grace has passed. Back in touch, it starts them again.
+            if !self.others_could_act() {
+                quorum_seen = std::time::Instant::now();
+                if fenced {
+                    fenced = false;
+                    info!("in touch with a majority again; reconciling");
+                    for (name, m) in memory.iter_mut() {
+                        m.stopped_on_purpose = true;
+                        m.next_restart_ms = 0;
+                        debug!(vm = %name, "may start again");
+                    }
+                }
+            } else if quorum_seen.elapsed() >= self.ctx.placement_grace / 2 {
+                if !fenced {
+                    warn!(after = ?quorum_seen.elapsed(), "cut off from a majority of the cluster: stopping this node's VMs (they will be placed elsewhere)");
+                    fenced = true;
+                }
+                self.fence().await;
+                next = tokio::time::Instant::now() + TICK_BUSY;
+                continue;
+            }
             let settled = self.round(&mut memory, &mut busy, &done_tx).instrument(info_span!("reconcile")).await;
             next = tokio::time::Instant::now() + if settled && busy.is_empty() { TICK_IDLE } else { TICK_BUSY };
+        }
+    }
+
+    /// Whether the voters this node cannot see (per gossip) could form a majority without
+    /// it, i.e. could be placing its VMs elsewhere. (A 2-node cluster split in two cannot:
+    /// neither half has a quorum, so neither fences.)
+    fn others_could_act(&self) -> bool {
+        let voters: Vec<blixard_types::NodeId> =
+            self.ctx.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        if voters.is_empty() {
+            return false;
+        }
+        let det = self.ctx.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        let unseen = voters.iter().filter(|id| !self.ctx.is_alive_locked(&det, id)).count();
+        unseen * 2 > voters.len()
+    }
+
+    /// Kills every active VM on this node at once (no graceful stop: the majority's copy may
+    /// boot soon).
+    async fn fence(&self) {
+        for (name, (b, st)) in self.backends.list().await {
+            if st.state.is_active() {
+                match b.stop(&name, StopOptions::forced()).await {
+                    Ok(_) => warn!(vm = %name, "fenced: stopped"),
+                    Err(e) => warn!(vm = %name, error = %e, "fencing stop failed"),
+                }
+            }
         }
     }
 

@@ -170,6 +170,13 @@ async fn wait_for(client: &Client, name: &str, goal: Goal, timeout: Duration) ->
             Ok(ClientResponse::Vm(v)) => v,
             Err(blixard_node::client::ClientError::Api(ApiError::Refused(_))) if goal == Goal::Gone => return Ok(None),
             Ok(other) => bail!("unexpected answer {other:?}"),
+            // A member that does not answer for a moment (restarting, an election) does not
+            // end the wait; the deadline does.
+            Err(e @ blixard_node::client::ClientError::Unreachable(_)) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "vm info failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
             Err(e) => return Err(e.into()),
         };
         let reached = match goal {

@@ -184,6 +184,36 @@ fn vms_run_where_the_cluster_decides_and_survive_node_loss() {
     assert_eq!(vm(&c, "web")["node"], moved["node"]);
     assert!(logs(&c).contains(READY));
 
+    // Self-fencing: the VM's node loses sight of both others (frozen with SIGSTOP, as in
+    // a partition): within half the grace period it kills its VM, since the others could
+    // place it elsewhere. Back in touch, it boots it again.
+    let host = moved["node"].as_str().expect("node").to_string();
+    let host_dir = c.node_dir(c.index_of(&host));
+    wait_for("web running on its node", Duration::from_secs(30), || (hypervisors_of(&host_dir).len() == 1).then_some(()));
+    let others: Vec<String> =
+        c.nodes.iter().filter(|n| n.id != host).filter_map(|n| n.child.as_ref().map(|ch| ch.id().to_string())).collect();
+    assert_eq!(others.len(), 2);
+    let signal = |sig: &str| {
+        for pid in &others {
+            std::process::Command::new("kill").args([sig, pid]).status().expect("kill");
+        }
+    };
+    let t0 = Instant::now();
+    signal("-STOP");
+    let fenced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("the cut-off node to fence its VM", Duration::from_secs(15), || hypervisors_of(&host_dir).is_empty().then_some(()))
+    }));
+    let fenced_after = t0.elapsed();
+    signal("-CONT");
+    assert!(fenced.is_ok(), "the VM kept running on a node cut off from the majority");
+    eprintln!("cut off -> VM fenced after {fenced_after:?}");
+    assert!(fenced_after < Duration::from_secs(10), "fenced after {fenced_after:?}: too late for the 10 s grace");
+    wait_for("web running again after the partition healed", Duration::from_secs(90), || {
+        let v = c.json(&["vm", "info", "web"]).ok()?;
+        (v["state"] == "running" && v["healthy"] == true && hypervisors_of(&c.node_dir(c.index_of(v["node"].as_str()?))).len() == 1)
+            .then_some(())
+    });
+
     // Delete, then the image can go, from every node.
     c.cli_ok(&["vm", "delete", "web", "--wait", "--timeout", "60s"]);
     for n in &c.nodes {
