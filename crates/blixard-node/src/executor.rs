@@ -518,10 +518,12 @@ impl Executor {
             // Any output: the first newline will do.
             None => "\n".to_string(),
         };
-        let (name, wake) = (name.to_string(), self.wake.clone());
+        let (name, wake, metrics) = (name.to_string(), self.wake.clone(), self.ctx.metrics.clone());
+        let started = std::time::Instant::now();
         tokio::spawn(
             async move {
                 if b.wait_console(&name, &needle, from, READY_WATCH).await.is_ok() {
+                    metrics.boot.observe(started.elapsed());
                     let _ = b.health(&name).await;
                     wake.notify_one();
                 }

@@ -18,15 +18,58 @@ use tracing::{debug, warn};
 use crate::node::NodeCtx;
 
 /// Upper bounds of the apply-latency histogram, in seconds.
-const BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+const APPLY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+/// Upper bounds of the VM boot histogram (start to ready), in seconds.
+const BOOT_BUCKETS: &[f64] = &[0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// A Prometheus histogram with fixed buckets.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Cumulative: bucket i counts observations <= bounds[i].
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self { bounds, buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(), count: AtomicU64::new(0), sum_us: AtomicU64::new(0) }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (b, n) in self.bounds.iter().zip(&self.buckets) {
+            if secs <= *b {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, n) in self.bounds.iter().zip(&self.buckets) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", n.load(Ordering::Relaxed));
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
 
 /// Counters the node updates as it works.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    apply_buckets: [AtomicU64; BUCKETS.len()],
-    apply_count: AtomicU64,
-    apply_sum_us: AtomicU64,
+    /// Time from proposing a command to it being applied, on the leader.
+    pub apply: Histogram,
+    /// Time from starting a VM to its guest being ready.
+    pub boot: Histogram,
     pub leader_changes: AtomicU64,
+    /// Image payload bytes received, per providing peer.
+    pub fetch_bytes_by_peer: std::sync::Mutex<std::collections::BTreeMap<blixard_types::NodeId, u64>>,
     /// VM operations the executor carried out (create, start, stop, ...), and those that failed.
     pub vm_ops: AtomicU64,
     pub vm_op_failures: AtomicU64,
@@ -39,6 +82,24 @@ pub struct Metrics {
     pub placement_failures: AtomicU64,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            apply: Histogram::new(APPLY_BUCKETS),
+            boot: Histogram::new(BOOT_BUCKETS),
+            leader_changes: Default::default(),
+            fetch_bytes_by_peer: Default::default(),
+            vm_ops: Default::default(),
+            vm_op_failures: Default::default(),
+            image_fetches: Default::default(),
+            image_fetch_failures: Default::default(),
+            image_fetch_bytes: Default::default(),
+            placements: Default::default(),
+            placement_failures: Default::default(),
+        }
+    }
+}
+
 impl Metrics {
     /// Counts one image fetch and what it received.
     pub fn observe_fetch<E>(&self, r: &Result<blixard_images::FetchStats, E>) {
@@ -46,6 +107,10 @@ impl Metrics {
         match r {
             Ok(s) => {
                 self.image_fetch_bytes.fetch_add(s.bytes_transferred, Ordering::Relaxed);
+                let mut by_peer = self.fetch_bytes_by_peer.lock().unwrap_or_else(|p| p.into_inner());
+                for p in s.providers.iter().filter(|p| p.bytes > 0) {
+                    *by_peer.entry(blixard_mesh::node_id(&p.id)).or_default() += p.bytes;
+                }
             }
             Err(_) => {
                 self.image_fetch_failures.fetch_add(1, Ordering::Relaxed);
@@ -57,14 +122,7 @@ impl Metrics {
 impl Metrics {
     /// Records how long a proposal took from submission to being applied.
     pub fn observe_apply(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                self.apply_buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.apply_count.fetch_add(1, Ordering::Relaxed);
-        self.apply_sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.apply.observe(d);
     }
 }
 
@@ -97,7 +155,13 @@ pub fn render(ctx: &NodeCtx) -> String {
     gauge("blixard_cluster_members", "Members in the applied cluster state.", "gauge", members);
     gauge("blixard_cluster_vms", "VMs in the applied cluster state.", "gauge", vms);
     gauge("blixard_cluster_images", "Images in the catalogue.", "gauge", images);
-    gauge("blixard_node_images_held", "Images held complete on this node.", "gauge", ctx.images.held().len() as u64);
+    let held = ctx.images.held();
+    let held_bytes: u64 = {
+        let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
+        held.iter().filter_map(|h| st.state.images.get(h)).map(|i| i.size).sum()
+    };
+    gauge("blixard_node_images_held", "Images held complete on this node.", "gauge", held.len() as u64);
+    gauge("blixard_node_image_store_bytes", "Bytes of the catalogued images held on this node.", "gauge", held_bytes);
     let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let m2 = &ctx.metrics;
     gauge("blixard_node_vm_operations_total", "VM operations carried out by this node's reconciler.", "counter", c(&m2.vm_ops));
@@ -112,16 +176,13 @@ pub fn render(ctx: &NodeCtx) -> String {
     for st in ["pending", "fetching", "starting", "running", "paused", "stopped", "failed"] {
         let _ = writeln!(out, "{name}{{state=\"{st}\"}} {}", by_state.remove(st).unwrap_or(0));
     }
-    let name = "blixard_raft_apply_latency_seconds";
-    let _ = writeln!(out, "# HELP {name} Time from proposing a command to it being applied, on the leader.");
-    let _ = writeln!(out, "# TYPE {name} histogram");
-    for (i, b) in BUCKETS.iter().enumerate() {
-        let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", ctx.metrics.apply_buckets[i].load(Ordering::Relaxed));
+    ctx.metrics.apply.render(&mut out, "blixard_raft_apply_latency_seconds", "Time from proposing a command to it being applied, on the leader.");
+    ctx.metrics.boot.render(&mut out, "blixard_node_vm_boot_seconds", "Time from starting a VM on this node to its guest being ready.");
+    let name = "blixard_node_image_fetch_peer_bytes_total";
+    let _ = writeln!(out, "# HELP {name} Image bytes received from each peer.\n# TYPE {name} counter");
+    for (peer, bytes) in ctx.metrics.fetch_bytes_by_peer.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(out, "{name}{{peer=\"{peer}\"}} {bytes}");
     }
-    let count = ctx.metrics.apply_count.load(Ordering::Relaxed);
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-    let _ = writeln!(out, "{name}_sum {}", ctx.metrics.apply_sum_us.load(Ordering::Relaxed) as f64 / 1e6);
-    let _ = writeln!(out, "{name}_count {count}");
     out
 }
 

@@ -97,6 +97,9 @@ fn vms_run_where_the_cluster_decides_and_survive_node_loss() {
     assert!(metric(&text, "blixard_node_image_fetch_bytes_total").is_some_and(|b| b > 1e6), "{text}");
     assert!(metric(&text, "blixard_node_vm_operations_total").is_some_and(|n| n >= 2.0), "{text}");
     assert_eq!(metric(&text, "blixard_cluster_images"), Some(1.0));
+    assert!(metric(&text, "blixard_node_vm_boot_seconds_count").is_some_and(|n| n >= 1.0), "{text}");
+    assert!(metric(&text, "blixard_node_image_store_bytes").is_some_and(|b| b > 1e6), "{text}");
+    assert!(text.contains("blixard_node_image_fetch_peer_bytes_total{peer=\""), "{text}");
 
     // Every operation through the CLI, answered by whichever node it reached (the logs come
     // from the VM's node through it).
