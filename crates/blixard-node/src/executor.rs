@@ -332,7 +332,7 @@ impl Executor {
                         self.start_fetch(w.spec.image.clone());
                     }
                 }
-                other => per_vm.entry(action_vm(&other).to_string()).or_default().push(other),
+                other => per_vm.entry(other.vm().to_string()).or_default().push(other),
             }
         }
         for (name, acts) in per_vm {
@@ -498,7 +498,7 @@ impl Executor {
                         _ => continue,
                     };
                     let s = r.map_err(|e| e.to_string())?;
-                    info!(state = %s.state, "done: {}", action_name(&other));
+                    info!(state = %s.state, "done: {}", other.name());
                     if matches!(other, Action::Start(_) | Action::Reboot(_)) {
                         self.watch_ready(b.clone(), name, spec.as_ref(), s.console_bytes);
                     }
@@ -578,32 +578,4 @@ fn observe(s: &VmStatus, check: Option<&HealthCheck>) -> Observed {
         (blixard_vmm::Health::Unknown, _) => None,
     };
     Observed { local: Some(local), healthy, error: s.last_error.clone() }
-}
-
-fn action_vm(a: &Action) -> &str {
-    match a {
-        Action::FetchImage(n)
-        | Action::Create(n)
-        | Action::Start(n)
-        | Action::Stop(n)
-        | Action::Pause(n)
-        | Action::Resume(n)
-        | Action::Reboot(n)
-        | Action::Remove(n)
-        | Action::Report(n, _) => n,
-    }
-}
-
-fn action_name(a: &Action) -> &'static str {
-    match a {
-        Action::FetchImage(_) => "fetch-image",
-        Action::Create(_) => "create",
-        Action::Start(_) => "start",
-        Action::Stop(_) => "stop",
-        Action::Pause(_) => "pause",
-        Action::Resume(_) => "resume",
-        Action::Reboot(_) => "reboot",
-        Action::Remove(_) => "remove",
-        Action::Report(..) => "report",
-    }
 }

@@ -111,6 +111,38 @@ pub enum Action {
     Report(String, VmReport),
 }
 
+impl Action {
+    /// The VM the action is about.
+    pub fn vm(&self) -> &str {
+        match self {
+            Action::FetchImage(n)
+            | Action::Create(n)
+            | Action::Start(n)
+            | Action::Stop(n)
+            | Action::Pause(n)
+            | Action::Resume(n)
+            | Action::Reboot(n)
+            | Action::Remove(n)
+            | Action::Report(n, _) => n,
+        }
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::FetchImage(_) => "fetch",
+            Action::Create(_) => "create",
+            Action::Start(_) => "start",
+            Action::Stop(_) => "stop",
+            Action::Pause(_) => "pause",
+            Action::Resume(_) => "resume",
+            Action::Reboot(_) => "reboot",
+            Action::Remove(_) => "remove",
+            Action::Report(..) => "report",
+        }
+    }
+}
+
 /// The delay before restart number `n` (1-based).
 pub fn backoff_ms(n: u32) -> u64 {
     BASE_BACKOFF_MS.saturating_mul(1u64 << n.saturating_sub(1).min(16)).min(MAX_BACKOFF_MS)

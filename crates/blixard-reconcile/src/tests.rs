@@ -37,20 +37,7 @@ fn ready() -> BTreeMap<String, Memory> {
 }
 
 fn ops(actions: &[Action]) -> Vec<&'static str> {
-    actions
-        .iter()
-        .map(|a| match a {
-            Action::FetchImage(_) => "fetch",
-            Action::Create(_) => "create",
-            Action::Start(_) => "start",
-            Action::Stop(_) => "stop",
-            Action::Pause(_) => "pause",
-            Action::Resume(_) => "resume",
-            Action::Reboot(_) => "reboot",
-            Action::Remove(_) => "remove",
-            Action::Report(..) => "report",
-        })
-        .collect()
+    actions.iter().map(Action::name).collect()
 }
 
 fn reported(actions: &[Action]) -> Option<VmState> {
