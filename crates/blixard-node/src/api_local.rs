@@ -91,14 +91,7 @@ async fn push(
     let r = ctx.images.fetch(&hash, vec![addr]).await;
     ctx.metrics.observe_fetch(&r);
     let stats = r.map_err(|e| ApiError::Refused(e.to_string()))?;
-    let kind = ctx.images.kind(&hash).await.map_err(|e| ApiError::Refused(e.to_string()))?;
-    let size = ctx
-        .images
-        .store
-        .manifest(crate::images::parse_hash(&hash).map_err(|e| ApiError::Invalid(e.to_string()))?)
-        .await
-        .map(|m| m.parts_size())
-        .map_err(|e| ApiError::Refused(e.to_string()))?;
+    let (kind, size) = ctx.images.describe(&hash).await.map_err(|e| ApiError::Refused(e.to_string()))?;
     info!(image = %&hash[..12], bytes = stats.bytes_transferred, %kind, "image received");
     match ctx.propose(caller, Command::PublishImage { hash: hash.clone(), size, kind, name }).await? {
         CommandResult::Ok => {}

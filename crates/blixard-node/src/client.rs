@@ -133,14 +133,14 @@ impl Client {
     /// Addresses a cluster member can dial this endpoint on (loopback included when bound
     /// to all interfaces, so a node on the same host always can).
     pub fn dialable_addrs(&self) -> Vec<SocketAddr> {
-        let mut v: Vec<SocketAddr> = self.endpoint.addr().ip_addrs().copied().collect();
-        for s in self.endpoint.bound_sockets() {
-            if s.ip().is_unspecified() && s.is_ipv4() {
-                v.push(SocketAddr::from((Ipv4Addr::LOCALHOST, s.port())));
-            } else if !s.ip().is_unspecified() {
-                v.push(s);
-            }
-        }
+        let mut v = endpoint::dialable_addrs(&self.endpoint);
+        v.extend(
+            self.endpoint
+                .bound_sockets()
+                .into_iter()
+                .filter(|s| s.ip().is_unspecified() && s.is_ipv4())
+                .map(|s| SocketAddr::from((Ipv4Addr::LOCALHOST, s.port()))),
+        );
         v.sort();
         v.dedup();
         v

@@ -534,7 +534,7 @@ impl Executor {
 
     /// The backend spec of a cluster VM, from its materialised image.
     async fn vmm_spec(&self, spec: &blixard_types::vm::VmSpec) -> Result<(Arc<dyn VmBackend>, blixard_vmm::VmSpec), String> {
-        let kind = self.images.kind(&spec.image).await.map_err(|e| e.to_string())?;
+        let (kind, _) = self.images.describe(&spec.image).await.map_err(|e| e.to_string())?;
         let backend = self.backends.for_kind(kind)?;
         let boot = match self.images.materialise(&spec.image).await.map_err(|e| e.to_string())? {
             Materialised::Bundle { kernel, initrd, disk, cmdline } => Boot::Bundle(Bundle {

@@ -77,13 +77,14 @@ impl NodeImages {
         Ok(r?)
     }
 
-    /// The kind of a fetched image, read from its manifest.
-    pub async fn kind(&self, hash: &str) -> Result<ImageKind, ImageUseError> {
+    /// The kind and size (bytes of its parts) of a fetched image, read from its manifest.
+    pub async fn describe(&self, hash: &str) -> Result<(ImageKind, u64), ImageUseError> {
         let m = self.store.manifest(parse_hash(hash)?).await?;
-        Ok(match m.image() {
+        let kind = match m.image() {
             Image::NixClosure(_) => ImageKind::NixClosure,
             Image::Bundle(_) => ImageKind::Bundle,
-        })
+        };
+        Ok((kind, m.parts_size()))
     }
 
     /// Materialises a fetched image (idempotent).

@@ -106,7 +106,7 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
         crate::output::json(&serde_json::json!({ "cluster": status, "image": image, "vm": vm }))?;
     } else {
         let cli = |args: &[&str]| -> anyhow::Result<()> {
-            let out = Command::new(&exe).env("BLIXARD_CONFIG_DIR", dir.join("cli")).arg("--ticket").arg(&ticket).args(args).output()?;
+            let out = cli_command(&exe, &dir, &ticket).args(args).output()?;
             print!("{}", String::from_utf8_lossy(&out.stdout));
             Ok(())
         };
@@ -116,7 +116,7 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
             println!("\n$ blixard vm list");
             cli(&["vm", "list"])?;
             println!("\n$ blixard vm logs demo | tail -3");
-            let out = Command::new(&exe).env("BLIXARD_CONFIG_DIR", dir.join("cli")).arg("--ticket").arg(&ticket).args(["vm", "logs", "demo"]).output()?;
+            let out = cli_command(&exe, &dir, &ticket).args(["vm", "logs", "demo"]).output()?;
             let text = String::from_utf8_lossy(&out.stdout);
             let lines: Vec<&str> = text.lines().collect();
             for l in &lines[lines.len().saturating_sub(3)..] {
@@ -137,6 +137,13 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+/// The demo's CLI: its own key under DIR/cli, the demo's client ticket.
+fn cli_command(exe: &Path, dir: &Path, ticket: &str) -> Command {
+    let mut c = Command::new(exe);
+    c.env("BLIXARD_CONFIG_DIR", dir.join("cli")).arg("--ticket").arg(ticket).stdin(Stdio::null());
+    c
 }
 
 /// Builds the test guest with `images/test-guest/build.sh`, looked for from the current
@@ -169,15 +176,7 @@ fn boot_vm(
     status: &blixard_types::rpc::ClusterStatus,
 ) -> anyhow::Result<(serde_json::Value, serde_json::Value)> {
     let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
-        let out = Command::new(exe)
-            .env("BLIXARD_CONFIG_DIR", dir.join("cli"))
-            .arg("--json")
-            .arg("--ticket")
-            .arg(ticket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()?;
+        let out = cli_command(exe, dir, ticket).arg("--json").args(args).stderr(Stdio::inherit()).output()?;
         if !out.status.success() {
             bail!("blixard {} failed", args.join(" "));
         }

@@ -140,10 +140,8 @@ fn grow_to_five_then_remove_one() {
 #[test]
 fn demo_starts_a_cluster_and_boots_a_vm() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let have_qemu = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()));
-    let require = std::env::var("BLIXARD_REQUIRE_REAL").is_ok_and(|v| v == "1");
-    assert!(have_qemu || !require, "qemu-system-x86_64 not found");
+    let have_qemu = on_path("qemu-system-x86_64");
+    assert!(have_qemu || !require_real(), "qemu-system-x86_64 not found");
     let mut cmd = std::process::Command::new(BIN);
     cmd.args(["--json", "demo", "--exit", "--dir"]).arg(dir.path());
     if !have_qemu {

@@ -40,7 +40,7 @@ fn prerequisites() -> Result<(), String> {
 #[test]
 fn nodes_in_two_namespaces_form_a_cluster() {
     if let Err(why) = prerequisites() {
-        if std::env::var("BLIXARD_REQUIRE_REAL").is_ok_and(|v| v == "1") {
+        if require_real() {
             panic!("BLIXARD_REQUIRE_REAL=1 but {why}");
         }
         eprintln!("SKIP nodes_in_two_namespaces_form_a_cluster: {why}");

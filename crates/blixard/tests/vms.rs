@@ -16,10 +16,8 @@ const READY: &str = "BLIXARD-GUEST-READY";
 
 /// Builds the test guest (the recipe skips an up-to-date build); `None` = skip.
 fn guest() -> Option<PathBuf> {
-    let require = std::env::var("BLIXARD_REQUIRE_REAL").is_ok_and(|v| v == "1");
-    let have_qemu = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()));
-    if !have_qemu {
+    let require = require_real();
+    if !on_path("qemu-system-x86_64") {
         assert!(!require, "qemu-system-x86_64 not found (apt-get install qemu-system-x86)");
         eprintln!("SKIP vms: qemu-system-x86_64 not found");
         return None;
@@ -237,7 +235,7 @@ fn build_runner_closure(bundle: &Path, dir: &Path) -> Option<(PathBuf, Vec<Strin
     let env = [("NIX_CONFIG", "build-users-group =\nsubstituters =\nsandbox = false\n")];
     let have_nix = std::process::Command::new("nix-build").arg("--version").envs(env).output().is_ok_and(|o| o.status.success());
     if !have_nix {
-        assert!(!std::env::var("BLIXARD_REQUIRE_REAL").is_ok_and(|v| v == "1"), "nix-build not found (apt-get install nix-bin)");
+        assert!(!require_real(), "nix-build not found (apt-get install nix-bin)");
         eprintln!("SKIP nix closure VM: nix-build not found");
         return None;
     }

@@ -261,3 +261,14 @@ pub fn scrape(dir: &std::path::Path) -> String {
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find(|l| l.split_whitespace().next() == Some(name)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
 }
+
+/// CI sets `BLIXARD_REQUIRE_REAL=1`: a missing prerequisite fails the test instead of
+/// skipping it.
+pub fn require_real() -> bool {
+    std::env::var("BLIXARD_REQUIRE_REAL").is_ok_and(|v| v == "1")
+}
+
+/// Whether `bin` is on PATH.
+pub fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+}
