@@ -29,8 +29,6 @@ let
     ++ lib.optionals (cfg.resources.memoryMiB != null) [ "--memory-mib" (toString cfg.resources.memoryMiB) ]
     ++ lib.optionals (cfg.resources.diskGiB != null) [ "--disk-gib" (toString cfg.resources.diskGiB) ]
     ++ lib.concatMap (k: [ "--label" "${k}=${cfg.labels.${k}}" ]) (lib.attrNames cfg.labels)
-    # `--backend` arrives with the orchestration work; the current binary does not accept it
-    # yet, so it is passed only when set.
     ++ lib.optionals (cfg.backend != null) [ "--backend" cfg.backend ]
     ++ cfg.extraFlags;
 
@@ -130,11 +128,12 @@ in
     };
 
     backend = mkOption {
-      type = types.nullOr (types.enum [ "microvm" "qemu" ]);
+      type = types.nullOr (types.enum [ "auto" "microvm" "qemu" ]);
       default = null;
       description = ''
-        The VM backend, `--backend`. NOTE: this flag arrives with the orchestration work;
-        the current binary does not accept it. `null` (the default) passes no flag.
+        The VM backends to run, `--backend`: `auto` (both: a Nix-closure image runs on
+        microvm, a bundle on qemu), `microvm` or `qemu`. `null` (the default) passes no flag,
+        which is `auto`.
       '';
     };
 
