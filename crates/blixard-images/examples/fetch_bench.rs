@@ -29,6 +29,13 @@ async fn endpoint() -> Endpoint {
         .unwrap()
 }
 
+/// `BENCH_INLINE_KIB`: blobs up to this size live in the store's database.
+fn inline(o: &mut ImageStoreOptions) {
+    if let Some(k) = std::env::var("BENCH_INLINE_KIB").ok().and_then(|v| v.parse::<u64>().ok()) {
+        o.inline_max = k * 1024;
+    }
+}
+
 fn vm_hwm_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
@@ -94,6 +101,7 @@ async fn main() {
     if let Some(avg) = std::env::var("BENCH_CHUNK_AVG_KIB").ok().and_then(|v| v.parse::<u32>().ok()) {
         aopts.chunking = blixard_images::ChunkParams { min: avg * 1024 / 4, avg: avg * 1024, max: avg * 1024 * 4 };
     }
+    inline(&mut aopts);
     let chunking = aopts.chunking;
     let a = ImageStore::open(ep.clone(), aopts).await.unwrap();
     let router = Router::builder(ep.clone()).accept(ALPN, a.protocol_handler()).spawn();
@@ -148,6 +156,13 @@ async fn fetch_child(args: &[String]) {
     if let Some(n) = std::env::var("BENCH_PER_PROVIDER").ok().and_then(|v| v.parse().ok()) {
         opts.fetch.per_provider = n;
     }
+    if let Some(n) = std::env::var("BENCH_BATCH").ok().and_then(|v| v.parse().ok()) {
+        opts.fetch.batch = n;
+    }
+    if let Some(n) = std::env::var("BENCH_PART_MAX").ok().and_then(|v| v.parse().ok()) {
+        opts.fetch.batch_part_max = n;
+    }
+    inline(&mut opts);
     let b = ImageStore::open(ep.clone(), opts).await.unwrap();
     let t = Instant::now();
     let stats = b.fetch(hash, vec![addr], &|_p: Progress| {}).await.unwrap();

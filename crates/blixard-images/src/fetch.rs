@@ -33,8 +33,14 @@ use crate::store::{tag_name, ImageStore, Progress};
 /// Tuning of the swarm download.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
-    /// Parts in flight per provider.
+    /// Requests in flight per provider.
     pub per_provider: usize,
+    /// Parts asked for in one request (adjacent disk chunks go together, so a run of small
+    /// parts costs one request, not one each).
+    pub batch: usize,
+    /// Parts up to this size are received into memory and added in one step (no partial
+    /// file on disk); larger parts stream into the store and can resume.
+    pub batch_part_max: u64,
     /// Time allowed for one part from one provider before it moves elsewhere.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
@@ -49,7 +55,9 @@ pub struct FetchOptions {
 impl Default for FetchOptions {
     fn default() -> Self {
         Self {
-            per_provider: 8,
+            per_provider: 4,
+            batch: 16,
+            batch_part_max: 1 << 20,
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             max_failures: 3,
@@ -210,6 +218,19 @@ impl ImageStore {
         if !self.is_complete(hash).await {
             return Err(bad("image is still incomplete after fetching every part".into()));
         }
+        // Parts received in memory were written without an fsync each; one syncfs makes the
+        // whole image durable before anyone is told it is here.
+        let dir = self.inner.dir.clone();
+        tokio::task::spawn_blocking(move || sync_fs(&dir))
+            .await
+            .map_err(|e| FetchError::Store { hash, detail: format!("sync task: {e}") })?
+            .map_err(|e| {
+                if crate::error::is_disk_full(&e) {
+                    FetchError::DiskFull { hash, dir: self.inner.dir.clone() }
+                } else {
+                    FetchError::Store { hash, detail: format!("syncing {}: {e}", self.inner.dir.display()) }
+                }
+            })?;
         let stats = FetchStats {
             hash,
             bytes_transferred: swarm.transferred.load(Ordering::Relaxed),
@@ -246,7 +267,13 @@ enum Outcome {
     Corrupt(String),
     /// Connection or request failed or timed out.
     Failed(String),
+    /// Over `batch_part_max`: to be fetched on its own, streaming to disk.
+    TooLarge,
 }
+
+/// Provider index, its connection if still usable, the parts settled (with how), and the
+/// parts the request never reached.
+type BatchResult = (usize, Option<Connection>, Vec<(Hash, Outcome)>, Vec<Hash>);
 
 struct Swarm {
     images: ImageStore,
@@ -346,7 +373,9 @@ impl Swarm {
         let mut all_lacked_since: HashMap<Hash, Instant> = HashMap::new();
         let mut waiting: Vec<(Instant, Hash)> = Vec::new();
         let mut failed_parts: Vec<Hash> = Vec::new();
-        let mut tasks: JoinSet<(usize, Hash, Option<Connection>, Outcome)> = JoinSet::new();
+        // Parts found too large to receive in memory: fetched one per request, streaming.
+        let mut large: HashSet<Hash> = HashSet::new();
+        let mut tasks: JoinSet<BatchResult> = JoinSet::new();
         let mut ticker = tokio::time::interval(Duration::from_millis(100));
         loop {
             // Move parts whose retry time has come back to the queue.
@@ -393,6 +422,21 @@ impl Swarm {
                     }
                     continue;
                 };
+                // Adjacent parts this provider may serve ride along in the same request.
+                let mut batch = vec![h];
+                if !large.contains(&h) {
+                    let mut i = 0;
+                    let scan = queue.len().min(opts.batch * 4);
+                    while batch.len() < opts.batch && i < scan.min(queue.len()) {
+                        let c = queue[i];
+                        if !large.contains(&c) && !lacked.get(&c).is_some_and(|l| l.contains(&p)) {
+                            batch.push(c);
+                            queue.remove(i);
+                        } else {
+                            i += 1;
+                        }
+                    }
+                }
                 let prov = &mut self.providers[p];
                 prov.inflight += 1;
                 let conn = prov.conn.clone();
@@ -401,9 +445,15 @@ impl Swarm {
                 let store = store.clone();
                 let counter = self.transferred.clone();
                 let opts = opts.clone();
+                let single = large.contains(&h);
                 tasks.spawn(async move {
-                    let (conn, outcome) = fetch_one(&endpoint, &store, addr, conn, h, &counter, &opts).await;
-                    (p, h, conn, outcome)
+                    let (conn, done, untouched) = if single {
+                        let (conn, outcome) = fetch_one(&endpoint, &store, addr, conn, h, &counter, &opts).await;
+                        (conn, vec![(h, outcome)], Vec::new())
+                    } else {
+                        fetch_batch(&endpoint, &store, addr, conn, batch, &counter, &opts).await
+                    };
+                    (p, conn, done, untouched)
                 });
             }
             deferred.extend(queue.drain(..));
@@ -414,7 +464,7 @@ impl Swarm {
             tokio::select! {
                 joined = tasks.join_next(), if !tasks.is_empty() => {
                     let Some(joined) = joined else { continue };
-                    let (p, h, conn, outcome) = match joined {
+                    let (p, conn, done, untouched) = match joined {
                         Ok(x) => x,
                         Err(e) => return Err(FetchError::Store { hash, detail: format!("fetch task failed: {e}") }),
                     };
@@ -423,35 +473,45 @@ impl Swarm {
                     if conn.is_some() {
                         prov.conn = conn;
                     }
-                    match outcome {
-                        Outcome::Complete { bytes } => {
-                            prov.failures = 0;
-                            prov.bytes += bytes;
-                            prov.parts += 1;
-                        }
-                        Outcome::Lacked => {
-                            debug!(provider = %prov.addr.id.fmt_short(), part = %h.fmt_short(), "provider lacks part");
-                            lacked.entry(h).or_default().insert(p);
-                            queue.push_back(h);
-                        }
-                        Outcome::Corrupt(why) => {
-                            warn!(provider = %prov.addr.id.fmt_short(), part = %h.fmt_short(), "dropping provider: sent data that does not verify ({why})");
-                            prov.dropped = Some(format!("sent corrupt data for {}", h.fmt_short()));
-                            prov.conn = None;
-                            queue.push_back(h);
-                        }
-                        Outcome::Failed(why) => {
-                            if is_disk_full_msg(&why) {
-                                return Err(FetchError::DiskFull { hash, dir: self.images.inner.dir.clone() });
+                    // Parts the request never reached go back to the front, in order.
+                    for h in untouched.into_iter().rev() {
+                        queue.push_front(h);
+                    }
+                    for (h, outcome) in done {
+                        match outcome {
+                            Outcome::Complete { bytes } => {
+                                prov.failures = 0;
+                                prov.bytes += bytes;
+                                prov.parts += 1;
                             }
-                            prov.failures += 1;
-                            prov.conn = None;
-                            debug!(provider = %prov.addr.id.fmt_short(), failures = prov.failures, "request failed: {why}");
-                            if prov.failures >= opts.max_failures {
-                                warn!(provider = %prov.addr.id.fmt_short(), "dropping provider after {} failures: {why}", prov.failures);
-                                prov.dropped = Some(format!("failed {} times: {why}", prov.failures));
+                            Outcome::TooLarge => {
+                                large.insert(h);
+                                queue.push_front(h);
                             }
-                            queue.push_back(h);
+                            Outcome::Lacked => {
+                                debug!(provider = %prov.addr.id.fmt_short(), part = %h.fmt_short(), "provider lacks part");
+                                lacked.entry(h).or_default().insert(p);
+                                queue.push_back(h);
+                            }
+                            Outcome::Corrupt(why) => {
+                                warn!(provider = %prov.addr.id.fmt_short(), part = %h.fmt_short(), "dropping provider: sent data that does not verify ({why})");
+                                prov.dropped = Some(format!("sent corrupt data for {}", h.fmt_short()));
+                                prov.conn = None;
+                                queue.push_back(h);
+                            }
+                            Outcome::Failed(why) => {
+                                if is_disk_full_msg(&why) {
+                                    return Err(FetchError::DiskFull { hash, dir: self.images.inner.dir.clone() });
+                                }
+                                prov.failures += 1;
+                                prov.conn = None;
+                                debug!(provider = %prov.addr.id.fmt_short(), failures = prov.failures, "request failed: {why}");
+                                if prov.failures >= opts.max_failures {
+                                    warn!(provider = %prov.addr.id.fmt_short(), "dropping provider after {} failures: {why}", prov.failures);
+                                    prov.dropped = Some(format!("failed {} times: {why}", prov.failures));
+                                }
+                                queue.push_back(h);
+                            }
                         }
                     }
                     self.publish();
@@ -466,6 +526,134 @@ impl Swarm {
     }
 }
 
+/// The cached connection if it is still open, else a new one.
+async fn usable(endpoint: &iroh::Endpoint, addr: EndpointAddr, conn: Option<Connection>, opts: &FetchOptions) -> Result<Connection, String> {
+    match conn {
+        Some(c) if c.close_reason().is_none() => Ok(c),
+        _ => match tokio::time::timeout(opts.connect_timeout, endpoint.connect(addr, iroh_blobs::ALPN)).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(format!("connect: {e}")),
+            Err(_) => Err("connect timed out".into()),
+        },
+    }
+}
+
+/// Fetches a run of parts from one provider in one request (iroh-blobs `GetMany`). Each
+/// part is BLAKE3-verified as it arrives (16 KiB groups), held in memory (at most
+/// `batch_part_max`) and added to the store complete, so a small part costs no partial
+/// file, outboard file or fsync on disk. Returns the connection if still usable, the
+/// parts settled, and the parts the request never reached.
+async fn fetch_batch(
+    endpoint: &iroh::Endpoint,
+    store: &iroh_blobs::api::Store,
+    addr: EndpointAddr,
+    conn: Option<Connection>,
+    hashes: Vec<Hash>,
+    counter: &AtomicU64,
+    opts: &FetchOptions,
+) -> (Option<Connection>, Vec<(Hash, Outcome)>, Vec<Hash>) {
+    use iroh_blobs::get::fsm::{self, BlobContentNext, DecodeError, EndBlobNext};
+    use iroh_blobs::protocol::{ChunkRangesSeq, GetManyRequest};
+
+    let conn = match usable(endpoint, addr, conn, opts).await {
+        Ok(c) => c,
+        Err(why) => {
+            let mut rest = hashes;
+            let first = rest.remove(0);
+            return (None, vec![(first, Outcome::Failed(why))], rest);
+        }
+    };
+    let mut done: Vec<(Hash, Outcome)> = Vec::with_capacity(hashes.len());
+    let work = async {
+        let request = GetManyRequest { hashes: hashes.clone(), ranges: ChunkRangesSeq::all() };
+        let mut next = match fsm::start_get_many(conn.clone(), request, Default::default()).await {
+            Ok(Ok(child)) => child,
+            Ok(Err(_closing)) => return,
+            Err(e) => {
+                done.push((hashes[0], Outcome::Failed(format!("request: {e}"))));
+                return;
+            }
+        };
+        loop {
+            let Some(&hash) = hashes.get(next.offset() as usize) else { return };
+            let (mut content, size) = match next.next(hash).next().await {
+                Ok(x) => x,
+                // The provider ends the stream at a part it does not have.
+                Err(e) if conn.close_reason().is_none() && matches!(e, fsm::AtBlobHeaderNextError::NotFound { .. }) => {
+                    done.push((hash, Outcome::Lacked));
+                    return;
+                }
+                Err(e) => {
+                    done.push((hash, Outcome::Failed(format!("reading size: {e}"))));
+                    return;
+                }
+            };
+            if size > opts.batch_part_max {
+                done.push((hash, Outcome::TooLarge));
+                return;
+            }
+            // The size is not verified until the last group arrives, but every byte kept is.
+            let mut data = Vec::with_capacity(size as usize);
+            let end = loop {
+                match content.next().await {
+                    BlobContentNext::More((c, item)) => {
+                        match item {
+                            Ok(bao_tree::io::fsm::BaoContentItem::Leaf(leaf)) => {
+                                counter.fetch_add(leaf.data.len() as u64, Ordering::Relaxed);
+                                data.extend_from_slice(&leaf.data);
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                let outcome = match e {
+                                    DecodeError::ParentHashMismatch { .. } | DecodeError::LeafHashMismatch { .. } => Outcome::Corrupt(e.to_string()),
+                                    DecodeError::ChunkNotFound { .. } | DecodeError::LeafNotFound { .. } | DecodeError::ParentNotFound { .. }
+                                        if conn.close_reason().is_none() =>
+                                    {
+                                        Outcome::Lacked
+                                    }
+                                    _ => Outcome::Failed(e.to_string()),
+                                };
+                                done.push((hash, outcome));
+                                return;
+                            }
+                        }
+                        content = c;
+                    }
+                    BlobContentNext::Done(end) => break end,
+                }
+            };
+            let len = data.len() as u64;
+            let outcome = match store.add_bytes(bytes::Bytes::from(data)).temp_tag().await {
+                // Pinned by the image's tag, set before any part is fetched.
+                Ok(tt) if tt.hash() == hash => Outcome::Complete { bytes: len },
+                Ok(tt) => Outcome::Corrupt(format!("received data hashes to {}", tt.hash().fmt_short())),
+                Err(e) => Outcome::Failed(format!("local store: {e}")),
+            };
+            let stop = !matches!(outcome, Outcome::Complete { .. });
+            done.push((hash, outcome));
+            if stop {
+                return;
+            }
+            next = match end.next() {
+                EndBlobNext::MoreChildren(c) => c,
+                EndBlobNext::Closing(closing) => {
+                    let _ = closing.next().await;
+                    return;
+                }
+            };
+        }
+    };
+    if tokio::time::timeout(opts.request_timeout, work).await.is_err() {
+        let at = hashes.get(done.len()).copied();
+        if let Some(h) = at {
+            done.push((h, Outcome::Failed(format!("no complete answer within {:?}", opts.request_timeout))));
+        }
+    }
+    let untouched = hashes[done.len().min(hashes.len())..].to_vec();
+    let keep = done.iter().all(|(_, o)| matches!(o, Outcome::Complete { .. } | Outcome::Lacked | Outcome::TooLarge));
+    (keep.then_some(conn), done, untouched)
+}
+
 /// Fetches one blob from one provider. Returns the (possibly new) connection.
 async fn fetch_one(
     endpoint: &iroh::Endpoint,
@@ -476,13 +664,9 @@ async fn fetch_one(
     counter: &AtomicU64,
     opts: &FetchOptions,
 ) -> (Option<Connection>, Outcome) {
-    let conn = match conn {
-        Some(c) if c.close_reason().is_none() => c,
-        _ => match tokio::time::timeout(opts.connect_timeout, endpoint.connect(addr, iroh_blobs::ALPN)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return (None, Outcome::Failed(format!("connect: {e}"))),
-            Err(_) => return (None, Outcome::Failed("connect timed out".into())),
-        },
+    let conn = match usable(endpoint, addr, conn, opts).await {
+        Ok(c) => c,
+        Err(why) => return (None, Outcome::Failed(why)),
     };
     let mut stream = Box::pin(store.remote().fetch(conn.clone(), HashAndFormat::raw(hash)).stream());
     let mut last = 0u64;
@@ -528,4 +712,16 @@ async fn fetch_one(
         _ => Some(conn),
     };
     (keep, outcome)
+}
+
+/// Flushes every dirty page of the filesystem holding `dir` (one `syncfs(2)`).
+#[allow(unsafe_code)]
+fn sync_fs(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(dir)?;
+    // SAFETY: `f` is an open descriptor for the duration of the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

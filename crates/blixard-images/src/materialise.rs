@@ -133,6 +133,9 @@ impl ImageStore {
         }
     }
 
+    /// Exports a blob to `target` and checks the file's BLAKE3 hash: small parts are
+    /// stored without an fsync of their own (see fetch), so what reaches the VM is
+    /// checked once more here.
     async fn export_blob(&self, hash: Hash, blob: Hash, target: &Path) -> Result<(), MaterialiseError> {
         self.inner.store.blobs().export(blob, target).finish().await.map_err(|e| {
             let detail = e.to_string();
@@ -142,6 +145,18 @@ impl ImageStore {
                 MaterialiseError::Store { hash, detail: format!("exporting {blob} to {}: {detail}", target.display()) }
             }
         })?;
+        let path = target.to_path_buf();
+        let got = tokio::task::spawn_blocking(move || -> std::io::Result<blake3::Hash> {
+            let mut h = blake3::Hasher::new();
+            h.update_reader(std::fs::File::open(&path)?)?;
+            Ok(h.finalize())
+        })
+        .await
+        .map_err(|e| MaterialiseError::Store { hash, detail: format!("hashing {}: {e}", target.display()) })?
+        .map_err(|source| MaterialiseError::Io { path: target.to_path_buf(), source })?;
+        if Hash::from(got) != blob {
+            return Err(damaged(hash, blob));
+        }
         Ok(())
     }
 
@@ -176,13 +191,18 @@ impl ImageStore {
             let mut buf = vec![0u8; 256 * 1024];
             for chunk in seq.iter() {
                 let mut r = self.inner.store.blobs().reader(chunk);
+                let mut hasher = blake3::Hasher::new();
                 loop {
                     let n = r.read(&mut buf).await.map_err(|e| MaterialiseError::Store { hash, detail: format!("reading chunk {chunk}: {e}") })?;
                     if n == 0 {
                         break;
                     }
+                    hasher.update(&buf[..n]);
                     w.write_all(&buf[..n]).await.map_err(io(path.clone()))?;
                     written += n as u64;
+                }
+                if Hash::from(hasher.finalize()) != chunk {
+                    return Err(damaged(hash, chunk));
                 }
                 progress(Progress { done: done + written, total });
             }
@@ -371,5 +391,14 @@ impl ImageStore {
         }
         let _ = tokio::fs::remove_file(&nar_file).await;
         Ok(())
+    }
+}
+
+/// A stored part whose bytes no longer hash to its name (e.g. lost in a power cut before
+/// they reached the disk).
+fn damaged(hash: Hash, part: Hash) -> MaterialiseError {
+    MaterialiseError::Store {
+        hash,
+        detail: format!("stored part {part} does not match its hash (its bytes were lost before reaching the disk); `blixard image gc` drops the image once no VM on this node uses it, and the next use fetches it again"),
     }
 }
