@@ -48,7 +48,9 @@ pub async fn run(ctx: NodeCtx) {
             tokio::time::sleep(wait).await;
         }
         last = std::time::Instant::now();
-        round(&ctx).instrument(tracing::info_span!("placement")).await;
+        round(&ctx)
+            .instrument(tracing::info_span!("placement"))
+            .await;
     }
 }
 
@@ -59,7 +61,8 @@ fn lost(ctx: &NodeCtx, node: &NodeId) -> bool {
         return false;
     }
     let d = ctx.liveness.lock().unwrap_or_else(|p| p.into_inner());
-    d.silent_for(node, std::time::Instant::now()).is_some_and(|s| s >= crate::liveness::DEAD_AFTER + ctx.placement_grace)
+    d.silent_for(node, std::time::Instant::now())
+        .is_some_and(|s| s >= crate::liveness::DEAD_AFTER + ctx.placement_grace)
 }
 
 /// One placement round. Returns how many VMs were placed.
@@ -86,7 +89,11 @@ pub async fn round(ctx: &NodeCtx) -> usize {
             .filter(|(_, v)| match v.node {
                 None => true,
                 // Drained nodes hand their VMs over too.
-                Some(n) => !st.state.nodes.contains_key(&n) || lost(ctx, &n) || st.state.drained.contains(&n),
+                Some(n) => {
+                    !st.state.nodes.contains_key(&n)
+                        || lost(ctx, &n)
+                        || st.state.drained.contains(&n)
+                }
             })
             .take(PER_ROUND)
             .map(|(name, v)| (name.clone(), v.spec.clone(), v.error.clone(), v.node))
@@ -103,17 +110,30 @@ pub async fn round(ctx: &NodeCtx) -> usize {
             }
         }
         match place(&views, &spec, &policy, salt.wrapping_add(i as u64)) {
-            Ok(node) => match ctx.propose(ctx.id, Command::PlaceVm { name: name.clone(), node }).await {
+            Ok(node) => match ctx
+                .propose(
+                    ctx.id,
+                    Command::PlaceVm {
+                        name: name.clone(),
+                        node,
+                    },
+                )
+                .await
+            {
                 Ok(CommandResult::Ok) => {
                     info!(vm = %name, node = %node.short(), moved_from = ?from.map(|f| f.short()), "placed");
-                    ctx.metrics.placements.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    ctx.metrics
+                        .placements
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     placed += 1;
                     // Count it at once, so this round does not overfill the node.
                     if let Some(v) = views.iter_mut().find(|v| v.id == node) {
                         blixard_scheduler::charge(v, &spec);
                     }
                 }
-                Ok(CommandResult::Refused(r)) => warn!(vm = %name, reason = %r, "placement refused"),
+                Ok(CommandResult::Refused(r)) => {
+                    warn!(vm = %name, reason = %r, "placement refused")
+                }
                 Err(e) => {
                     warn!(vm = %name, error = %e, "placement not recorded");
                     return placed;
@@ -121,9 +141,19 @@ pub async fn round(ctx: &NodeCtx) -> usize {
             },
             Err(unschedulable) => {
                 let reason = unschedulable.to_string();
-                ctx.metrics.placement_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ctx.metrics
+                    .placement_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if error.as_deref() != Some(format!("cannot place: {reason}").as_str()) {
-                    let _ = ctx.propose(ctx.id, Command::PlacementFailed { name: name.clone(), reason }).await;
+                    let _ = ctx
+                        .propose(
+                            ctx.id,
+                            Command::PlacementFailed {
+                                name: name.clone(),
+                                reason,
+                            },
+                        )
+                        .await;
                 }
             }
         }
