@@ -27,6 +27,7 @@ use std::time::Duration;
 use blixard_raft::RaftNode;
 use blixard_types::{Request, Response};
 
+pub mod c1m;
 pub mod cluster;
 pub mod invariants;
 pub mod network;

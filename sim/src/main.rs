@@ -4,6 +4,7 @@
 //! ## Usage
 //! `cargo run --release -p blixard-sim -- --seeds 1000 --jobs 2`
 //! `cargo run --release -p blixard-sim -- --seed 42`
+//! `cargo run --release -p blixard-sim -- --c1m` (10,000 nodes, 1,000,000 VMs)
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +47,70 @@ struct Opt {
     /// Plant a storage bug (to see the checkers fail).
     #[arg(long, value_enum)]
     bug: Option<Bug>,
+    /// Run the C1M scale run instead of seeds: `--c1m-nodes` nodes, `--c1m-vms` VMs.
+    #[arg(long)]
+    c1m: bool,
+    #[arg(long, default_value_t = 10_000)]
+    c1m_nodes: usize,
+    #[arg(long, default_value_t = 1_000_000)]
+    c1m_vms: usize,
+}
+
+fn vm_hwm_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |k| k / 1024.0)
+}
+
+fn c1m(opt: &Opt) -> ExitCode {
+    let o = blixard_sim::c1m::C1mOptions {
+        nodes: opt.c1m_nodes,
+        vms: opt.c1m_vms,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    match blixard_sim::c1m::run_c1m(&o) {
+        Ok(r) => {
+            println!("C1M: {} nodes, {} VMs through ClusterState::apply and plan_placements (scheduler sampling 64)", r.nodes, r.vms);
+            println!(
+                "  join {} nodes: {:.1} s; create {} VMs: {:.1} s",
+                r.nodes,
+                r.join.as_secs_f64(),
+                r.vms,
+                r.create.as_secs_f64()
+            );
+            println!(
+                "  place: {} placed in {} rounds, {:.1} s, {:.0} placements/s; {} unplaceable",
+                r.placed,
+                r.rounds,
+                r.place.as_secs_f64(),
+                r.placements_per_s(),
+                r.unplaceable
+            );
+            println!(
+                "  most VMs on one node: {}; nodes over capacity: {}",
+                r.max_vms_on_a_node, r.capacity_violations
+            );
+            println!(
+                "  wall {:.1} s in all; peak RSS {:.0} MiB",
+                t.elapsed().as_secs_f64(),
+                vm_hwm_mib()
+            );
+            if r.capacity_violations == 0 && r.unplaceable == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("C1M failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn options(opt: &Opt, seed: u64) -> SimOptions {
@@ -73,6 +138,9 @@ fn print_failure(r: &Report, o: &SimOptions) {
 
 fn main() -> ExitCode {
     let opt = Opt::parse();
+    if opt.c1m {
+        return c1m(&opt);
+    }
     if opt.nodes == 0 || opt.nodes > 200 {
         eprintln!("--nodes must be 1-200");
         return ExitCode::from(2);

@@ -105,3 +105,20 @@ fn planted(bug: Bug, tune: impl Fn(&mut SimOptions)) {
     }
     panic!("{bug:?} was not caught in {SEEDS} seeds");
 }
+
+/// The C1M path at a small scale (the full run is `blixard-sim --c1m`): every VM placed, no
+/// node over capacity (summed from the VM records), several rounds.
+#[test]
+fn c1m_path_places_everything_within_capacity() {
+    let o = blixard_sim::c1m::C1mOptions {
+        nodes: 200,
+        vms: 20_000,
+        per_round: 2_000,
+        ..Default::default()
+    };
+    let r = blixard_sim::c1m::run_c1m(&o).unwrap();
+    assert_eq!(r.placed, 20_000, "{r:?}");
+    assert_eq!(r.unplaceable, 0, "{r:?}");
+    assert_eq!(r.capacity_violations, 0, "{r:?}");
+    assert!(r.rounds >= 10, "{r:?}");
+}

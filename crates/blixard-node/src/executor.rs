@@ -19,7 +19,7 @@ use std::time::Duration;
 use blixard_images::Materialised;
 use blixard_reconcile::{plan, Action, ImageState, Local, Memory, Observed, Wanted};
 use blixard_types::image::ImageKind;
-use blixard_types::vm::{HealthCheck, VmReport};
+use blixard_types::vm::HealthCheck;
 use blixard_types::{Command, CommandResult};
 use blixard_vmm::{
     BackendConfig, Boot, Bundle, Capacity, Disk, MicrovmBackend, QemuBackend, QemuOptions, Runner,
@@ -435,31 +435,7 @@ impl Executor {
     /// What the cluster wants on this node.
     fn wanted(&self) -> BTreeMap<String, Wanted> {
         let st = self.ctx.state.read().unwrap_or_else(|p| p.into_inner());
-        st.state
-            .vms
-            .iter()
-            .filter(|(_, v)| v.node == Some(self.ctx.id))
-            .map(|(name, v)| {
-                let recorded = VmReport {
-                    state: v.state,
-                    healthy: v.healthy,
-                    error: v.error.clone(),
-                    restarts: v.restarts,
-                    reboots_done: v.reboots_done,
-                    deleted: false,
-                };
-                (
-                    name.clone(),
-                    Wanted {
-                        spec: v.spec.clone(),
-                        desired: v.desired,
-                        deleting: v.deleting,
-                        reboots_requested: v.reboots_requested,
-                        recorded,
-                    },
-                )
-            })
-            .collect()
+        st.state.wanted_on(&self.ctx.id)
     }
 
     /// Carries finished fetches into the VMs' memories; an image already here needs none.

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use blixard_scheduler::place;
+use blixard_state::Placement;
 use blixard_types::{Command, CommandResult, NodeId};
 use tracing::{info, warn, Instrument};
 
@@ -65,9 +65,10 @@ fn lost(ctx: &NodeCtx, node: &NodeId) -> bool {
         .is_some_and(|s| s >= crate::liveness::DEAD_AFTER + ctx.placement_grace)
 }
 
-/// One placement round. Returns how many VMs were placed.
+/// One placement round: decided by [`blixard_state::ClusterState::plan_placements`], then
+/// proposed one by one. Returns how many VMs were placed.
 pub async fn round(ctx: &NodeCtx) -> usize {
-    let (mut views, todo, policy, salt) = {
+    let plan = {
         let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
         let mut views = st.state.node_views(|id| ctx.is_alive(id));
         // Image locality: the images each node holds (gossip), besides those its VMs use.
@@ -81,78 +82,51 @@ pub async fn round(ctx: &NodeCtx) -> usize {
                 }
             }
         }
-        let todo: Vec<_> = st
-            .state
-            .vms
-            .iter()
-            .filter(|(_, v)| !v.deleting)
-            .filter(|(_, v)| match v.node {
-                None => true,
-                // Drained nodes hand their VMs over too.
-                Some(n) => {
-                    !st.state.nodes.contains_key(&n)
-                        || lost(ctx, &n)
-                        || st.state.drained.contains(&n)
-                }
-            })
-            .take(PER_ROUND)
-            .map(|(name, v)| (name.clone(), v.spec.clone(), v.error.clone(), v.node))
-            .collect();
         let salt = st.last_applied.as_ref().map(|l| l.index).unwrap_or(0);
-        (views, todo, st.state.policy.clone(), salt)
+        st.state
+            .plan_placements(views, |n| lost(ctx, n), salt, PER_ROUND)
     };
     let mut placed = 0;
-    for (i, (name, spec, error, from)) in todo.into_iter().enumerate() {
-        // A VM leaving a lost or drained node must not be placed back on it.
-        if let Some(from) = from {
-            if let Some(v) = views.iter_mut().find(|v| v.id == from) {
-                v.schedulable = false;
-            }
-        }
-        match place(&views, &spec, &policy, salt.wrapping_add(i as u64)) {
-            Ok(node) => match ctx
-                .propose(
-                    ctx.id,
-                    Command::PlaceVm {
-                        name: name.clone(),
-                        node,
-                    },
-                )
-                .await
-            {
-                Ok(CommandResult::Ok) => {
-                    info!(vm = %name, node = %node.short(), moved_from = ?from.map(|f| f.short()), "placed");
-                    ctx.metrics
-                        .placements
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    placed += 1;
-                    // Count it at once, so this round does not overfill the node.
-                    if let Some(v) = views.iter_mut().find(|v| v.id == node) {
-                        blixard_scheduler::charge(v, &spec);
+    for p in plan {
+        match p {
+            Placement::Place { name, node, from } => {
+                match ctx
+                    .propose(
+                        ctx.id,
+                        Command::PlaceVm {
+                            name: name.clone(),
+                            node,
+                        },
+                    )
+                    .await
+                {
+                    Ok(CommandResult::Ok) => {
+                        info!(vm = %name, node = %node.short(), moved_from = ?from.map(|f| f.short()), "placed");
+                        ctx.metrics
+                            .placements
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        placed += 1;
+                    }
+                    Ok(CommandResult::Refused(r)) => {
+                        warn!(vm = %name, reason = %r, "placement refused")
+                    }
+                    Err(e) => {
+                        warn!(vm = %name, error = %e, "placement not recorded");
+                        return placed;
                     }
                 }
-                Ok(CommandResult::Refused(r)) => {
-                    warn!(vm = %name, reason = %r, "placement refused")
-                }
-                Err(e) => {
-                    warn!(vm = %name, error = %e, "placement not recorded");
-                    return placed;
-                }
-            },
-            Err(unschedulable) => {
-                let reason = unschedulable.to_string();
+            }
+            Placement::Unplaceable {
+                name,
+                reason,
+                changed,
+            } => {
                 ctx.metrics
                     .placement_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if error.as_deref() != Some(format!("cannot place: {reason}").as_str()) {
+                if changed {
                     let _ = ctx
-                        .propose(
-                            ctx.id,
-                            Command::PlacementFailed {
-                                name: name.clone(),
-                                reason,
-                            },
-                        )
+                        .propose(ctx.id, Command::PlacementFailed { name, reason })
                         .await;
                 }
             }

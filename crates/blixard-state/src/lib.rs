@@ -30,6 +30,24 @@ pub struct NodeRecord {
     pub joined_at_ms: u64,
 }
 
+/// One decision of [`ClusterState::plan_placements`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Put VM `name` on `node` (moving it from `from`, if it had a node).
+    Place {
+        name: String,
+        node: NodeId,
+        from: Option<NodeId>,
+    },
+    /// No node can take it now; `changed` says whether `reason` differs from what is
+    /// recorded (only then is it worth a Raft entry).
+    Unplaceable {
+        name: String,
+        reason: String,
+        changed: bool,
+    },
+}
+
 /// An issued ticket; only the hash of its secret is kept.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TicketRecord {
@@ -220,6 +238,118 @@ impl ClusterState {
                 .map(|u| u.groups.keys().cloned().collect())
                 .unwrap_or_default(),
         })
+    }
+
+    /// One placement round, decided without I/O (the leader proposes the result; the
+    /// simulator runs the same function). Up to `max` VMs that need a node are considered:
+    /// new ones, and those whose node left the cluster, is `lost` (dead past the grace
+    /// period) or is drained. A VM leaving a node is never placed back on it. Each placement
+    /// is charged to its node's view at once, so one round does not overfill a node.
+    /// `salt` varies the scheduler's sampling between rounds.
+    pub fn plan_placements(
+        &self,
+        mut views: Vec<NodeView>,
+        lost: impl Fn(&NodeId) -> bool,
+        salt: u64,
+        max: usize,
+    ) -> Vec<Placement> {
+        let pos: BTreeMap<NodeId, usize> =
+            views.iter().enumerate().map(|(i, v)| (v.id, i)).collect();
+        // Nodes whose VMs must move: drained, lost, or removed (a VM is only ever placed on
+        // a member, and a member leaves only by removal). Asked once per node, not per VM.
+        let gone: BTreeSet<NodeId> = self
+            .drained
+            .iter()
+            .chain(self.removed.iter())
+            .copied()
+            .chain(self.nodes.keys().filter(|n| lost(n)).copied())
+            .collect();
+        let needs = |v: &&VmRecord| !v.deleting && v.node.is_none_or(|n| gone.contains(&n));
+        let failed_before = |v: &VmRecord| {
+            v.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("cannot place"))
+        };
+        // VMs not yet tried first, so that VMs no node can take never starve new ones;
+        // then those that failed before, from a place that moves with `salt`, so that each
+        // is tried again in turn.
+        let fresh = self
+            .vms
+            .iter()
+            .filter(|(_, v)| needs(v) && !failed_before(v));
+        let retry: Vec<(&String, &VmRecord)> = self
+            .vms
+            .iter()
+            .filter(|(_, v)| needs(v) && failed_before(v))
+            .collect();
+        let skip = if retry.is_empty() {
+            0
+        } else {
+            (salt % retry.len() as u64) as usize
+        };
+        let todo = fresh
+            .chain(retry[skip..].iter().chain(retry[..skip].iter()).copied())
+            .take(max);
+        let mut out = Vec::new();
+        for (i, (name, v)) in todo.enumerate() {
+            if let Some(&k) = v.node.as_ref().and_then(|from| pos.get(from)) {
+                views[k].schedulable = false;
+            }
+            match blixard_scheduler::place(
+                &views,
+                &v.spec,
+                &self.policy,
+                salt.wrapping_add(i as u64),
+            ) {
+                Ok(node) => {
+                    if let Some(&k) = pos.get(&node) {
+                        blixard_scheduler::charge(&mut views[k], &v.spec);
+                    }
+                    out.push(Placement::Place {
+                        name: name.clone(),
+                        node,
+                        from: v.node,
+                    });
+                }
+                Err(why) => {
+                    let reason = why.to_string();
+                    let changed =
+                        v.error.as_deref() != Some(format!("cannot place: {reason}").as_str());
+                    out.push(Placement::Unplaceable {
+                        name: name.clone(),
+                        reason,
+                        changed,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// What the cluster wants on `node`: every VM placed there, with what is recorded of it.
+    pub fn wanted_on(&self, node: &NodeId) -> BTreeMap<String, blixard_reconcile::Wanted> {
+        self.vms
+            .iter()
+            .filter(|(_, v)| v.node.as_ref() == Some(node))
+            .map(|(name, v)| {
+                let recorded = VmReport {
+                    state: v.state,
+                    healthy: v.healthy,
+                    error: v.error.clone(),
+                    restarts: v.restarts,
+                    reboots_done: v.reboots_done,
+                    deleted: false,
+                };
+                let w = blixard_reconcile::Wanted {
+                    spec: v.spec.clone(),
+                    desired: v.desired,
+                    deleting: v.deleting,
+                    reboots_requested: v.reboots_requested,
+                    recorded,
+                };
+                (name.clone(), w)
+            })
+            .collect()
     }
 
     /// VMs that need a placement: not deleting, and not placed on a current member.

@@ -692,4 +692,153 @@ mod vms {
             }
         }
     }
+
+    /// Two 4-vCPU nodes. VMs no node can take (8 vCPUs) come first in name order; the
+    /// round still places the new small ones, and tries the failed ones again in turn.
+    #[test]
+    fn unplaceable_vms_do_not_starve_new_ones() {
+        let mut s = with_capacity();
+        for i in 0..3 {
+            assert_eq!(
+                s.apply(&req(
+                    2,
+                    id(1),
+                    Command::CreateVm {
+                        spec: spec(&format!("a-big-{i}"), 8, 512),
+                        start: true
+                    }
+                )),
+                CommandResult::Ok
+            );
+        }
+        // The first round fails the big ones and records why.
+        let plan = s.plan_placements(s.node_views(|_| true), |_| false, 0, 3);
+        assert!(
+            plan.iter()
+                .all(|p| matches!(p, Placement::Unplaceable { changed: true, .. })),
+            "{plan:?}"
+        );
+        for p in plan {
+            if let Placement::Unplaceable { name, reason, .. } = p {
+                assert_eq!(
+                    s.apply(&req(3, id(1), Command::PlacementFailed { name, reason })),
+                    CommandResult::Ok
+                );
+            }
+        }
+        assert_eq!(
+            s.apply(&req(
+                4,
+                id(1),
+                Command::CreateVm {
+                    spec: spec("b-small", 1, 512),
+                    start: true
+                }
+            )),
+            CommandResult::Ok
+        );
+        // A round of 2: the new VM first, though the big ones sort before it.
+        let plan = s.plan_placements(s.node_views(|_| true), |_| false, 0, 2);
+        assert!(
+            matches!(&plan[0], Placement::Place { name, .. } if name == "b-small"),
+            "{plan:?}"
+        );
+        // Unchanged reasons are not worth a Raft entry.
+        assert!(
+            matches!(&plan[1], Placement::Unplaceable { changed: false, .. }),
+            "{plan:?}"
+        );
+        // Every failed VM gets its turn as the salt moves.
+        let mut tried = BTreeSet::new();
+        for salt in 0..3 {
+            for p in s.plan_placements(s.node_views(|_| true), |_| false, salt, 2) {
+                if let Placement::Unplaceable { name, .. } = p {
+                    tried.insert(name);
+                }
+            }
+        }
+        assert_eq!(tried.len(), 3, "{tried:?}");
+    }
+
+    /// VMs on a lost or drained node move, never back to that node; a round does not
+    /// overfill a node (its view is charged as it goes).
+    #[test]
+    fn lost_and_drained_nodes_hand_their_vms_over_without_overfilling() {
+        let mut s = with_capacity();
+        for i in 0..2 {
+            assert_eq!(
+                s.apply(&req(
+                    2,
+                    id(1),
+                    Command::CreateVm {
+                        spec: spec(&format!("v{i}"), 2, 1024),
+                        start: true
+                    }
+                )),
+                CommandResult::Ok
+            );
+            assert_eq!(
+                s.apply(&req(
+                    2,
+                    id(1),
+                    Command::PlaceVm {
+                        name: format!("v{i}"),
+                        node: id(2)
+                    }
+                )),
+                CommandResult::Ok
+            );
+        }
+        for i in 2..4 {
+            assert_eq!(
+                s.apply(&req(
+                    2,
+                    id(1),
+                    Command::CreateVm {
+                        spec: spec(&format!("v{i}"), 2, 1024),
+                        start: true
+                    }
+                )),
+                CommandResult::Ok
+            );
+        }
+        assert!(
+            s.plan_placements(s.node_views(|_| true), |_| false, 0, 10)
+                .len()
+                == 2,
+            "only the two new VMs"
+        );
+        // Node 2 lost: its two VMs and the two new ones need node 1 (4 vCPUs): two fit.
+        let plan = s.plan_placements(s.node_views(|n| *n != id(2)), |n| *n == id(2), 0, 10);
+        let placed: Vec<_> = plan
+            .iter()
+            .filter_map(|p| {
+                if let Placement::Place { node, .. } = p {
+                    Some(*node)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(placed, vec![id(1), id(1)], "{plan:?}");
+        assert_eq!(plan.len(), 4);
+        // Drained but alive: the same, and never back onto node 2.
+        assert_eq!(
+            s.apply(&req(
+                5,
+                id(1),
+                Command::SetDrain {
+                    node: id(2),
+                    drain: true
+                }
+            )),
+            CommandResult::Ok
+        );
+        let plan = s.plan_placements(s.node_views(|_| true), |_| false, 0, 10);
+        assert!(
+            plan.iter()
+                .all(|p| !matches!(p, Placement::Place { node, .. } if *node == id(2))),
+            "{plan:?}"
+        );
+    }
 }
