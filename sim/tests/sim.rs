@@ -116,7 +116,7 @@ fn c1m_path_places_everything_within_capacity() {
         per_round: 2_000,
         ..Default::default()
     };
-    let r = blixard_sim::c1m::run_c1m(&o).unwrap();
+    let r = blixard_sim::c1m::run_c1m(&o).unwrap_or_else(|e| panic!("C1M run failed: {e}"));
     assert_eq!(r.placed, 20_000, "{r:?}");
     assert_eq!(r.unplaceable, 0, "{r:?}");
     assert_eq!(r.capacity_violations, 0, "{r:?}");
