@@ -76,6 +76,24 @@ fn unknown_keys_and_bad_tickets_are_refused() {
                 String::from_utf8_lossy(a)
             );
         }
+        // Gossip and blobs sit behind the same gate: the handshake completes (the key is
+        // authenticated), then the connection is closed as unauthorised, unused.
+        for a in [alpn::GOSSIP, blixard_images::ALPN] {
+            let addr = blixard_mesh::endpoint_addr(&target.id, &target.addrs).expect("addr");
+            let name = String::from_utf8_lossy(a).to_string();
+            let conn = ep.connect(addr, a).await.expect("handshake");
+            let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+                .await
+                .unwrap_or_else(|_| panic!("{name}: connection from a stranger stayed open"));
+            match reason {
+                iroh::endpoint::ConnectionError::ApplicationClosed(c) => assert_eq!(
+                    c.error_code,
+                    iroh::endpoint::VarInt::from_u32(blixard_mesh::rpc::CLOSE_UNAUTHORIZED),
+                    "{name}: {c:?}"
+                ),
+                other => panic!("{name}: closed for another reason: {other:?}"),
+            }
+        }
         // Join is open, but only to valid tickets of this cluster with the right role.
         let join = Pool::new(ep.clone(), alpn::JOIN);
         let ask = |ticket: Ticket| {
