@@ -49,10 +49,7 @@ pub fn start(bin: &Path, root: &Path) -> anyhow::Result<BlixardCluster> {
         match c.status() {
             Ok(s) => {
                 let members = s["members"].as_array().cloned().unwrap_or_default();
-                let ok = members
-                    .iter()
-                    .filter(|m| m["role"] == "voter" && m["healthy"] == true)
-                    .count();
+                let ok = members.iter().filter(|m| m["role"] == "voter" && m["healthy"] == true).count();
                 if ok >= 3 && s["leader"].is_string() {
                     return Ok(c);
                 }
@@ -73,12 +70,7 @@ impl BlixardCluster {
         let mut cmd = Command::new(&self.bin);
         cmd.args(["node", "run", "--data-dir"]).arg(dir).args(extra);
         let log = dir.with_extension("log");
-        let line = self.procs.spawn_first_line(
-            &format!("blixard node {i}"),
-            cmd,
-            &log,
-            Duration::from_secs(60),
-        )?;
+        let line = self.procs.spawn_first_line(&format!("blixard node {i}"), cmd, &log, Duration::from_secs(60))?;
         // "node <ID> listening on [...]"
         let id = match line.split_whitespace().collect::<Vec<_>>()[..] {
             ["node", id, "listening", ..] => id.to_string(),
@@ -104,11 +96,7 @@ impl BlixardCluster {
     pub fn cli_stdout(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = self.cli(args)?;
         if !out.status.success() {
-            bail!(
-                "blixard {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("blixard {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }

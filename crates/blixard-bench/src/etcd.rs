@@ -30,30 +30,17 @@ pub struct EtcdCluster {
 /// Starts 3 etcd members with data dirs under `root`, and waits until all are healthy
 /// and a write commits.
 pub async fn start(etcd: &Path, root: &Path) -> anyhow::Result<EtcdCluster> {
-    ensure!(
-        etcd.exists(),
-        "etcd not found at {}: apt-get install etcd-server (or pass --etcd PATH)",
-        etcd.display()
-    );
+    ensure!(etcd.exists(), "etcd not found at {}: apt-get install etcd-server (or pass --etcd PATH)", etcd.display());
     let version = Command::new(etcd)
         .arg("--version")
         .output()
         .with_context(|| format!("cannot run {}", etcd.display()))?;
-    let version = String::from_utf8_lossy(&version.stdout)
-        .lines()
-        .next()
-        .unwrap_or("etcd ?")
-        .trim()
-        .to_string();
+    let version = String::from_utf8_lossy(&version.stdout).lines().next().unwrap_or("etcd ?").trim().to_string();
     let mut ports = Vec::new();
     for _ in 0..3 {
         ports.push((free_port()?, free_port()?));
     }
-    let initial: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
-        .collect();
+    let initial: Vec<String> = ports.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}")).collect();
     let initial = initial.join(",");
     let mut procs = Procs::default();
     let mut clients = Vec::new();
@@ -82,18 +69,10 @@ pub async fn start(etcd: &Path, root: &Path) -> anyhow::Result<EtcdCluster> {
             .arg("zap")
             .arg("--log-level")
             .arg("warn");
-        procs.spawn(
-            &format!("etcd m{i}"),
-            cmd,
-            &root.join(format!("etcd-m{i}.log")),
-        )?;
+        procs.spawn(&format!("etcd m{i}"), cmd, &root.join(format!("etcd-m{i}.log")))?;
         clients.push(SocketAddr::from(([127, 0, 0, 1], *c)));
     }
-    let cluster = EtcdCluster {
-        procs,
-        clients,
-        version,
-    };
+    let cluster = EtcdCluster { procs, clients, version };
     cluster.wait_healthy(Duration::from_secs(30)).await?;
     Ok(cluster)
 }
@@ -119,13 +98,8 @@ impl EtcdCluster {
         for a in &self.clients {
             let mut c = Http::connect(*a).await?;
             let (status, body) = c.request("GET", "/health", None).await?;
-            let v: serde_json::Value =
-                serde_json::from_slice(&body).context("health is not JSON")?;
-            ensure!(
-                status == 200 && v["health"] == "true",
-                "{a} not healthy yet: {status} {}",
-                String::from_utf8_lossy(&body)
-            );
+            let v: serde_json::Value = serde_json::from_slice(&body).context("health is not JSON")?;
+            ensure!(status == 200 && v["health"] == "true", "{a} not healthy yet: {status} {}", String::from_utf8_lossy(&body));
         }
         let mut c = Http::connect(self.clients[0]).await?;
         put(&mut c, "bench-probe", "1").await
@@ -137,17 +111,10 @@ impl EtcdCluster {
         let mut leader = None;
         for a in &self.clients {
             let mut c = Http::connect(*a).await?;
-            let (status, body) = c
-                .request("POST", "/v3/maintenance/status", Some(b"{}"))
-                .await?;
+            let (status, body) = c.request("POST", "/v3/maintenance/status", Some(b"{}")).await?;
             ensure!(status == 200, "status: HTTP {status}");
             let v: serde_json::Value = serde_json::from_slice(&body)?;
-            ids.push(
-                v["header"]["member_id"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            );
+            ids.push(v["header"]["member_id"].as_str().unwrap_or_default().to_string());
             leader = v["leader"].as_str().map(str::to_string);
         }
         Ok(leader.and_then(|l| ids.iter().position(|i| *i == l)))
@@ -168,21 +135,12 @@ impl Http {
             .with_context(|| format!("connecting to {addr}: timed out"))?
             .with_context(|| format!("connecting to {addr}"))?;
         s.set_nodelay(true)?;
-        Ok(Self {
-            host: addr.to_string(),
-            stream: BufReader::new(s),
-            buf: Vec::with_capacity(512),
-        })
+        Ok(Self { host: addr.to_string(), stream: BufReader::new(s), buf: Vec::with_capacity(512) })
     }
 
     /// Sends one request and reads the response: status code and body. Handles
     /// `Content-Length` and chunked bodies.
-    pub async fn request(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<&[u8]>,
-    ) -> anyhow::Result<(u16, Vec<u8>)> {
+    pub async fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> anyhow::Result<(u16, Vec<u8>)> {
         let body = body.unwrap_or_default();
         self.buf.clear();
         self.buf.extend_from_slice(
@@ -194,11 +152,7 @@ impl Http {
             .as_bytes(),
         );
         self.buf.extend_from_slice(body);
-        self.stream
-            .get_mut()
-            .write_all(&self.buf)
-            .await
-            .context("sending the request")?;
+        self.stream.get_mut().write_all(&self.buf).await.context("sending the request")?;
 
         let mut line = String::new();
         read_line(&mut self.stream, &mut line).await?;
@@ -218,13 +172,8 @@ impl Http {
             if let Some((k, v)) = l.split_once(':') {
                 let (k, v) = (k.trim(), v.trim());
                 if k.eq_ignore_ascii_case("content-length") {
-                    len = Some(
-                        v.parse()
-                            .with_context(|| format!("bad Content-Length {v:?}"))?,
-                    );
-                } else if k.eq_ignore_ascii_case("transfer-encoding")
-                    && v.eq_ignore_ascii_case("chunked")
-                {
+                    len = Some(v.parse().with_context(|| format!("bad Content-Length {v:?}"))?);
+                } else if k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked") {
                     chunked = true;
                 }
             }
@@ -248,10 +197,7 @@ impl Http {
             let len = len.context("response has neither Content-Length nor chunked encoding")?;
             ensure!(len <= MAX_BODY, "response body too large ({len} bytes)");
             out.resize(len, 0);
-            self.stream
-                .read_exact(&mut out)
-                .await
-                .context("reading the response body")?;
+            self.stream.read_exact(&mut out).await.context("reading the response body")?;
         }
         Ok((status, out))
     }
@@ -268,25 +214,11 @@ async fn read_line(r: &mut BufReader<TcpStream>, line: &mut String) -> anyhow::R
 /// `PUT key value` through the JSON gateway; checks HTTP 200 and a JSON answer with a
 /// header (a committed revision).
 pub async fn put(c: &mut Http, key: &str, value: &str) -> anyhow::Result<()> {
-    let body = format!(
-        r#"{{"key":"{}","value":"{}"}}"#,
-        BASE64.encode(key.as_bytes()),
-        BASE64.encode(value.as_bytes())
-    );
-    let (status, resp) = c
-        .request("POST", "/v3/kv/put", Some(body.as_bytes()))
-        .await?;
-    ensure!(
-        status == 200,
-        "etcd put: HTTP {status}: {}",
-        String::from_utf8_lossy(&resp)
-    );
-    let v: serde_json::Value =
-        serde_json::from_slice(&resp).context("etcd put: answer is not JSON")?;
-    ensure!(
-        v["header"]["revision"].is_string(),
-        "etcd put: no revision in {v}"
-    );
+    let body = format!(r#"{{"key":"{}","value":"{}"}}"#, BASE64.encode(key.as_bytes()), BASE64.encode(value.as_bytes()));
+    let (status, resp) = c.request("POST", "/v3/kv/put", Some(body.as_bytes())).await?;
+    ensure!(status == 200, "etcd put: HTTP {status}: {}", String::from_utf8_lossy(&resp));
+    let v: serde_json::Value = serde_json::from_slice(&resp).context("etcd put: answer is not JSON")?;
+    ensure!(v["header"]["revision"].is_string(), "etcd put: no revision in {v}");
     Ok(())
 }
 

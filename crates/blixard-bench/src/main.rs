@@ -32,10 +32,7 @@ const CLI_BUDGET_MS: f64 = 50.0;
 const IDLE_CPU_BUDGET_PCT: f64 = 1.0;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "blixard-bench",
-    about = "Committed writes: 3-node Blixard vs 3-member etcd on loopback, plus node budgets"
-)]
+#[command(name = "blixard-bench", about = "Committed writes: 3-node Blixard vs 3-member etcd on loopback, plus node budgets")]
 struct Args {
     /// The blixard binary (default: `blixard` next to this executable).
     #[arg(long)]
@@ -121,10 +118,7 @@ struct Report {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -155,20 +149,12 @@ fn main() -> ExitCode {
 }
 
 fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
-    ensure!(
-        args.duration > 0.0 && args.warmup >= 0.0,
-        "--duration must be > 0 and --warmup >= 0"
-    );
-    ensure!(
-        !args.concurrency.is_empty() && args.concurrency.iter().all(|&c| (1..=4096).contains(&c)),
-        "--concurrency must be 1..=4096"
-    );
+    ensure!(args.duration > 0.0 && args.warmup >= 0.0, "--duration must be > 0 and --warmup >= 0");
+    ensure!(!args.concurrency.is_empty() && args.concurrency.iter().all(|&c| (1..=4096).contains(&c)), "--concurrency must be 1..=4096");
     ensure!(args.blixard_clients >= 1, "--blixard-clients must be >= 1");
     let bin = match &args.blixard {
         Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("cannot find this executable")?
-            .with_file_name("blixard"),
+        None => std::env::current_exe().context("cannot find this executable")?.with_file_name("blixard"),
     };
     ensure!(
         bin.exists(),
@@ -176,63 +162,32 @@ fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
         bin.display()
     );
     if !args.skip_etcd && !args.skip_writes {
-        ensure!(
-            args.etcd.exists(),
-            "etcd not found at {}: apt-get install etcd-server (or pass --etcd PATH)",
-            args.etcd.display()
-        );
+        ensure!(args.etcd.exists(), "etcd not found at {}: apt-get install etcd-server (or pass --etcd PATH)", args.etcd.display());
     }
     // Dropped last (declared first): every process below is stopped before it goes.
-    let root = tempfile::Builder::new()
-        .prefix("blixard-bench-")
-        .tempdir()
-        .context("cannot create a temp dir")?;
+    let root = tempfile::Builder::new().prefix("blixard-bench-").tempdir().context("cannot create a temp dir")?;
     procs::register_root(root.path());
     let warmup = Duration::from_secs_f64(args.warmup);
     let duration = Duration::from_secs_f64(args.duration);
     let mut results = Vec::new();
 
     // ---- Blixard ----
-    eprintln!(
-        "starting a 3-node blixard cluster in {}",
-        root.path().display()
-    );
+    eprintln!("starting a 3-node blixard cluster in {}", root.path().display());
     let mut cluster = blixard::start(&bin, root.path())?;
     let blixard_version = cluster.cli_stdout(&["--version"]).unwrap_or_default();
-    eprintln!(
-        "  3 healthy voters: {}",
-        cluster
-            .ids
-            .iter()
-            .map(|i| &i[..10])
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    eprintln!("  3 healthy voters: {}", cluster.ids.iter().map(|i| &i[..10]).collect::<Vec<_>>().join(", "));
 
     // Budgets first, while the nodes are idle.
     std::thread::sleep(Duration::from_secs(1));
     let pids = cluster.pids();
     let tck = procs::clk_tck() as f64;
-    let before: Vec<u64> = pids
-        .iter()
-        .map(|&p| procs::cpu_ticks(p))
-        .collect::<anyhow::Result<_>>()?;
+    let before: Vec<u64> = pids.iter().map(|&p| procs::cpu_ticks(p)).collect::<anyhow::Result<_>>()?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(args.idle_secs));
-    let after: Vec<u64> = pids
-        .iter()
-        .map(|&p| procs::cpu_ticks(p))
-        .collect::<anyhow::Result<_>>()?;
+    let after: Vec<u64> = pids.iter().map(|&p| procs::cpu_ticks(p)).collect::<anyhow::Result<_>>()?;
     let wall = t0.elapsed().as_secs_f64();
-    let idle_cpu_pct: Vec<f64> = before
-        .iter()
-        .zip(&after)
-        .map(|(b, a)| (a - b) as f64 / tck / wall * 100.0)
-        .collect();
-    let idle_rss_mib: Vec<f64> = pids
-        .iter()
-        .map(|&p| procs::rss_kib(p).map(|k| k as f64 / 1024.0))
-        .collect::<anyhow::Result<_>>()?;
+    let idle_cpu_pct: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a - b) as f64 / tck / wall * 100.0).collect();
+    let idle_rss_mib: Vec<f64> = pids.iter().map(|&p| procs::rss_kib(p).map(|k| k as f64 / 1024.0)).collect::<anyhow::Result<_>>()?;
     eprintln!("  idle CPU {idle_cpu_pct:.2?} %, idle RSS {idle_rss_mib:.1?} MiB");
 
     cluster.cli_stdout(&["cluster", "status"])?; // authorises the CLI key; not timed
@@ -241,25 +196,15 @@ fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
         let t = Instant::now();
         let out = cluster.cli(&["cluster", "status"])?;
         cli_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        ensure!(
-            out.status.success(),
-            "blixard cluster status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ensure!(out.status.success(), "blixard cluster status failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let (cli_median, cli_p90) = workload::median_p90(cli_ms);
     eprintln!("  CLI cluster status: median {cli_median:.1} ms, p90 {cli_p90:.1} ms");
 
     let vms = if args.vm_boots > 0 {
-        eprintln!(
-            "VMs: {} boots each, warm and cold, against bare qemu",
-            args.vm_boots
-        );
+        eprintln!("VMs: {} boots each, warm and cold, against bare qemu", args.vm_boots);
         let v = vm::run(rt, &cluster, root.path(), args.vm_boots)?;
-        eprintln!(
-            "  warm {:.3}x, cold {:.3}x ({})",
-            v.warm_ratio, v.cold_ratio, v.accelerator
-        );
+        eprintln!("  warm {:.3}x, cold {:.3}x ({})", v.warm_ratio, v.cold_ratio, v.accelerator);
         Some(v)
     } else {
         None
@@ -269,20 +214,12 @@ fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
     let ticket = Ticket::decode(&ticket_text).context("the client ticket does not decode")?;
     let status = cluster.status()?;
     let leader = status["leader"].as_str().unwrap_or_default().to_string();
-    let entry = ticket
-        .peers
-        .first()
-        .map(|p| p.id.to_string())
-        .unwrap_or_default();
+    let entry = ticket.peers.first().map(|p| p.id.to_string()).unwrap_or_default();
     let entry_desc = format!(
         "client library, {} endpoint(s); requests enter at the ticket's first member {} ({})",
         args.blixard_clients,
         &entry[..entry.len().min(10)],
-        if entry == leader {
-            "the leader"
-        } else {
-            "a follower: forwarded to the leader"
-        }
+        if entry == leader { "the leader" } else { "a follower: forwarded to the leader" }
     );
     eprintln!("  {entry_desc}");
     let target = cluster.ids[0].clone();
@@ -290,35 +227,20 @@ fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
     let mut clients = Vec::new();
     for i in 0..args.blixard_clients {
         let key = blixard_mesh::identity::load_or_create(&key_dir.join(format!("client{i}.key")))?;
-        clients.push(Arc::new(
-            rt.block_on(Client::new(key, ticket.clone()))
-                .context("cannot start the blixard client")?,
-        ));
+        clients.push(Arc::new(rt.block_on(Client::new(key, ticket.clone())).context("cannot start the blixard client")?));
     }
     for &c in args.concurrency.iter().filter(|_| !args.skip_writes) {
         cluster.procs.check_alive()?;
-        eprintln!(
-            "blixard: {c} client(s), {:.0} s (+{:.1} s warm-up)",
-            args.duration, args.warmup
-        );
+        eprintln!("blixard: {c} client(s), {:.0} s (+{:.1} s warm-up)", args.duration, args.warmup);
         let workers = (0..c)
-            .map(|w| blixard::BlixardWorker {
-                client: clients[w % clients.len()].clone(),
-                node: target.clone(),
-                key: format!("k{w}"),
-            })
+            .map(|w| blixard::BlixardWorker { client: clients[w % clients.len()].clone(), node: target.clone(), key: format!("k{w}") })
             .collect();
         let s = rt.block_on(workload::run("blixard", workers, warmup, duration))?;
-        eprintln!(
-            "  {:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
-            s.writes_per_s, s.p50_ms, s.p99_ms, s.errors
-        );
+        eprintln!("  {:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, {} errors", s.writes_per_s, s.p50_ms, s.p99_ms, s.errors);
         results.push(s);
     }
-    let rss_after_load_mib: Vec<f64> = pids
-        .iter()
-        .map(|&p| procs::rss_kib(p).map(|k| k as f64 / 1024.0))
-        .collect::<anyhow::Result<_>>()?;
+    let rss_after_load_mib: Vec<f64> =
+        pids.iter().map(|&p| procs::rss_kib(p).map(|k| k as f64 / 1024.0)).collect::<anyhow::Result<_>>()?;
     for c in clients {
         if let Ok(c) = Arc::try_unwrap(c) {
             rt.block_on(c.close());
@@ -343,22 +265,12 @@ fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
         etcd_entry = Some(desc);
         for &c in &args.concurrency {
             ec.procs.check_alive()?;
-            eprintln!(
-                "etcd: {c} client(s), {:.0} s (+{:.1} s warm-up)",
-                args.duration, args.warmup
-            );
+            eprintln!("etcd: {c} client(s), {:.0} s (+{:.1} s warm-up)", args.duration, args.warmup);
             let workers = (0..c)
-                .map(|w| etcd::EtcdWorker {
-                    addr: ec.clients[w % ec.clients.len()],
-                    key: format!("k{w}"),
-                    conn: None,
-                })
+                .map(|w| etcd::EtcdWorker { addr: ec.clients[w % ec.clients.len()], key: format!("k{w}"), conn: None })
                 .collect();
             let s = rt.block_on(workload::run("etcd", workers, warmup, duration))?;
-            eprintln!(
-                "  {:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
-                s.writes_per_s, s.p50_ms, s.p99_ms, s.errors
-            );
+            eprintln!("  {:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, {} errors", s.writes_per_s, s.p50_ms, s.p99_ms, s.errors);
             results.push(s);
         }
         ec.procs.stop_all();
@@ -366,12 +278,8 @@ fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
 
     let mut ratios = Vec::new();
     for &c in &args.concurrency {
-        let b = results
-            .iter()
-            .find(|s| s.system == "blixard" && s.concurrency == c);
-        let e = results
-            .iter()
-            .find(|s| s.system == "etcd" && s.concurrency == c);
+        let b = results.iter().find(|s| s.system == "blixard" && s.concurrency == c);
+        let e = results.iter().find(|s| s.system == "etcd" && s.concurrency == c);
         if let (Some(b), Some(e)) = (b, e) {
             ratios.push(Ratio {
                 concurrency: c,
@@ -393,10 +301,7 @@ fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
         idle_cpu_pct,
         idle_cpu_secs: args.idle_secs,
     };
-    eprintln!(
-        "scheduler: {} nodes, {} VMs",
-        args.sched_nodes, args.sched_vms
-    );
+    eprintln!("scheduler: {} nodes, {} VMs", args.sched_nodes, args.sched_vms);
     let scheduler = sched::run(args.sched_nodes, args.sched_vms, args.sched_sample);
     Ok(Report {
         vms,
@@ -413,17 +318,10 @@ fn run(rt: &tokio::runtime::Runtime, args: &Args) -> anyhow::Result<Report> {
 }
 
 fn machine() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let os = std::fs::read_to_string("/etc/os-release")
         .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("PRETTY_NAME=")
-                    .map(|v| v.trim_matches('"').to_string())
-            })
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string())))
         .unwrap_or_else(|| "unknown OS".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpus} cores, {os}, Linux {}", kernel.trim())
@@ -438,29 +336,19 @@ fn pass(ok: bool) -> &'static str {
 }
 
 fn list(v: &[f64], prec: usize) -> String {
-    v.iter()
-        .map(|x| format!("{x:.prec$}"))
-        .collect::<Vec<_>>()
-        .join(" / ")
+    v.iter().map(|x| format!("{x:.prec$}")).collect::<Vec<_>>().join(" / ")
 }
 
 fn print_report(r: &Report) {
     println!("machine: {}", r.machine);
-    println!(
-        "{}; {}",
-        r.blixard,
-        r.etcd.as_deref().unwrap_or("etcd skipped")
-    );
+    println!("{}; {}", r.blixard, r.etcd.as_deref().unwrap_or("etcd skipped"));
     println!("durability: Blixard fsyncs its redb Raft log before acknowledging; etcd runs with defaults (WAL fsync'd before acknowledging)");
     println!("blixard client: {}", r.blixard_entry.join("; "));
     if let Some(e) = &r.etcd_entry {
         println!("etcd client: {e}");
     }
     println!();
-    println!(
-        "{:<8} {:>7} {:>10} {:>9} {:>9} {:>7}",
-        "system", "clients", "writes/s", "p50 ms", "p99 ms", "errors"
-    );
+    println!("{:<8} {:>7} {:>10} {:>9} {:>9} {:>7}", "system", "clients", "writes/s", "p50 ms", "p99 ms", "errors");
     for s in &r.results {
         println!(
             "{:<8} {:>7} {:>10.0} {:>9.2} {:>9.2} {:>7}",
@@ -475,10 +363,7 @@ fn print_report(r: &Report) {
         for q in &r.ratios {
             println!(
                 "ratio Blixard/etcd, {} client(s): throughput {:.2}x, p50 {:.2}x, p99 {:.2}x",
-                q.concurrency,
-                q.throughput_blixard_over_etcd,
-                q.p50_blixard_over_etcd,
-                q.p99_blixard_over_etcd
+                q.concurrency, q.throughput_blixard_over_etcd, q.p50_blixard_over_etcd, q.p99_blixard_over_etcd
             );
         }
     }
@@ -505,10 +390,7 @@ fn print_report(r: &Report) {
     );
     if let Some(v) = &r.vms {
         println!();
-        println!(
-            "VM boot to the console marker, {} boots each, accelerator {}, image {} bytes:",
-            v.boots, v.accelerator, v.image_bytes
-        );
+        println!("VM boot to the console marker, {} boots each, accelerator {}, image {} bytes:", v.boots, v.accelerator, v.image_bytes);
         println!(
             "  warm: vm create --wait {:.3} s vs bare qemu {:.3} s (medians): {:.3}x  (goal <= 1.15x: {})",
             v.warm_median_s,

@@ -46,11 +46,7 @@ pub fn install_signal_handler(rt: &tokio::runtime::Runtime) -> anyhow::Result<()
         eprintln!("\ninterrupted: stopping all cluster processes");
         let (pids, root) = with_registry(|r| (std::mem::take(&mut r.pids), r.root.take()));
         for pid in &pids {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .stderr(Stdio::null())
-                .status();
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).stderr(Stdio::null()).status();
         }
         // Give the kernel a moment to reap file handles before removing the data dirs.
         std::thread::sleep(Duration::from_millis(200));
@@ -84,8 +80,7 @@ pub struct Procs {
 impl Procs {
     /// Spawns `cmd` with stdout, stderr going to `log`, and registers it for cleanup.
     pub fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<&mut Proc> {
-        let out = std::fs::File::create(log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
+        let out = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
         let err = out.try_clone()?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         self.push_spawned(name, cmd, log)
@@ -93,15 +88,8 @@ impl Procs {
 
     /// Spawns `cmd` with stdout piped (stderr to `log`), waits up to `timeout` for its
     /// first stdout line and returns it. The rest of stdout is drained by a thread.
-    pub fn spawn_first_line(
-        &mut self,
-        name: &str,
-        mut cmd: Command,
-        log: &Path,
-        timeout: Duration,
-    ) -> anyhow::Result<String> {
-        let err = std::fs::File::create(log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
+    pub fn spawn_first_line(&mut self, name: &str, mut cmd: Command, log: &Path, timeout: Duration) -> anyhow::Result<String> {
+        let err = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(err);
         let p = self.push_spawned(name, cmd, log)?;
         let stdout = p.child.stdout.take().context("no stdout")?;
@@ -113,28 +101,14 @@ impl Procs {
         });
         match rx.recv_timeout(timeout) {
             Ok(Some(Ok(line))) => Ok(line),
-            _ => bail!(
-                "{name} did not start within {timeout:?}; log:\n{}",
-                tail(log, 30)
-            ),
+            _ => bail!("{name} did not start within {timeout:?}; log:\n{}", tail(log, 30)),
         }
     }
 
-    fn push_spawned(
-        &mut self,
-        name: &str,
-        mut cmd: Command,
-        log: &Path,
-    ) -> anyhow::Result<&mut Proc> {
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+    fn push_spawned(&mut self, name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<&mut Proc> {
+        let child = cmd.spawn().with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
         with_registry(|r| r.pids.push(child.id()));
-        self.list.push(Proc {
-            name: name.to_string(),
-            child,
-            log: log.to_path_buf(),
-        });
+        self.list.push(Proc { name: name.to_string(), child, log: log.to_path_buf() });
         let last = self.list.len() - 1;
         Ok(&mut self.list[last])
     }
@@ -153,11 +127,7 @@ impl Procs {
     pub fn stop_all(&mut self) {
         for p in &mut self.list {
             if let Ok(None) = p.child.try_wait() {
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(p.pid().to_string())
-                    .stderr(Stdio::null())
-                    .status();
+                let _ = Command::new("kill").arg("-TERM").arg(p.pid().to_string()).stderr(Stdio::null()).status();
             }
         }
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -198,23 +168,14 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 /// Resident set size of `pid` in KiB (VmRSS of /proc/PID/status).
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let line = s
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS line")?;
-    line.split_whitespace()
-        .nth(1)
-        .context("bad VmRSS line")?
-        .parse()
-        .context("bad VmRSS value")
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}/status"))?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS line")?;
+    line.split_whitespace().nth(1).context("bad VmRSS line")?.parse().context("bad VmRSS value")
 }
 
 /// utime + stime of `pid` in clock ticks (fields 14 and 15 of /proc/PID/stat).
 pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
     // The command name (field 2) may contain spaces: count fields after its closing ')'.
     let rest = &s[s.rfind(')').context("bad /proc stat")? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();

@@ -31,11 +31,7 @@ fn views(n: usize) -> Vec<NodeView> {
             NodeView {
                 id: NodeId(id),
                 labels: BTreeMap::from([("zone".to_string(), format!("z{}", i % 4))]),
-                capacity: Resources {
-                    cpus: 64,
-                    memory_mib: 256 * 1024,
-                    disk_gib: 2000,
-                },
+                capacity: Resources { cpus: 64, memory_mib: 256 * 1024, disk_gib: 2000 },
                 schedulable: true,
                 ..Default::default()
             }
@@ -52,11 +48,7 @@ fn spec(i: usize) -> VmSpec {
         disk_gib: 4,
         labels: BTreeMap::new(),
         // Every tenth VM wants a zone; every seventh is in an anti-affinity group.
-        constraints: if i.is_multiple_of(10) {
-            BTreeMap::from([("zone".into(), format!("z{}", i % 4))])
-        } else {
-            BTreeMap::new()
-        },
+        constraints: if i.is_multiple_of(10) { BTreeMap::from([("zone".into(), format!("z{}", i % 4))]) } else { BTreeMap::new() },
         anti_affinity: i.is_multiple_of(7).then(|| format!("g{}", i % 1000)),
         restart: RestartPolicy::Always,
         health: None,
@@ -80,21 +72,10 @@ fn run_once(nodes: usize, vms: usize, policy: &Policy) -> (f64, usize) {
 }
 
 pub fn run(nodes: usize, vms: usize, sample: usize) -> SchedStats {
-    let sampled = Policy {
-        sample: Some(sample),
-        ..Policy::default()
-    };
+    let sampled = Policy { sample: Some(sample), ..Policy::default() };
     let (sampled_per_s, sampled_unplaced) = run_once(nodes, vms, &sampled);
     // Scoring every node is O(nodes) per VM: a smaller run gives the rate.
     let full_vms = (vms / 20).max(1);
     let (full_per_s, _) = run_once(nodes, full_vms, &Policy::default());
-    SchedStats {
-        nodes,
-        vms,
-        sample,
-        sampled_per_s,
-        sampled_unplaced,
-        full_vms,
-        full_per_s,
-    }
+    SchedStats { nodes, vms, sample, sampled_per_s, sampled_unplaced, full_vms, full_per_s }
 }

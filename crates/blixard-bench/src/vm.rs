@@ -61,23 +61,9 @@ fn timed(c: &BlixardCluster, args: &[&str]) -> anyhow::Result<f64> {
 
 /// Pushes the guest and returns a node that does not hold it (labelled `benchhost=TAG`).
 fn push_elsewhere(c: &BlixardCluster, bundle: &Path, tag: &str) -> anyhow::Result<(String, u64)> {
-    let img = json(
-        c,
-        &[
-            "image",
-            "push",
-            &bundle.to_string_lossy(),
-            "--name",
-            "bench",
-        ],
-    )?;
+    let img = json(c, &["image", "push", &bundle.to_string_lossy(), "--name", "bench"])?;
     let holder = img["nodes"][0].as_str().unwrap_or_default();
-    let other = c
-        .ids
-        .iter()
-        .find(|id| id.as_str() != holder)
-        .context("no second node")?
-        .clone();
+    let other = c.ids.iter().find(|id| id.as_str() != holder).context("no second node")?.clone();
     c.cli_stdout(&["node", "label", &other, &format!("benchhost={tag}")])?;
     Ok((other, img["size"].as_u64().unwrap_or(0)))
 }
@@ -85,23 +71,7 @@ fn push_elsewhere(c: &BlixardCluster, bundle: &Path, tag: &str) -> anyhow::Resul
 fn create_wait(c: &BlixardCluster, name: &str, tag: &str) -> anyhow::Result<f64> {
     let constraint = format!("benchhost={tag}");
     let health = format!("console:{MARKER}");
-    let t = timed(
-        c,
-        &[
-            "vm",
-            "create",
-            name,
-            "--image",
-            "bench",
-            "--constraint",
-            &constraint,
-            "--health",
-            &health,
-            "--wait",
-            "--timeout",
-            "5m",
-        ],
-    )?;
+    let t = timed(c, &["vm", "create", name, "--image", "bench", "--constraint", &constraint, "--health", &health, "--wait", "--timeout", "5m"])?;
     c.cli_stdout(&["vm", "delete", name, "--wait"])?;
     Ok(t)
 }
@@ -118,27 +88,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-pub fn run(
-    rt: &tokio::runtime::Runtime,
-    c: &BlixardCluster,
-    root: &Path,
-    boots: usize,
-) -> anyhow::Result<VmStats> {
+pub fn run(rt: &tokio::runtime::Runtime, c: &BlixardCluster, root: &Path, boots: usize) -> anyhow::Result<VmStats> {
     let bundle = guest(root)?;
     let (accel, _) = detect_accel(AccelMode::Auto);
     let bare_dir = root.join("bare");
     std::fs::create_dir_all(&bare_dir)?;
-    let spec = VmSpec::new(
-        "bare",
-        1,
-        256,
-        Boot::Bundle(Bundle::from_dir(&bundle).map_err(|e| anyhow::anyhow!("{e}"))?),
-    );
+    let spec = VmSpec::new("bare", 1, 256, Boot::Bundle(Bundle::from_dir(&bundle).map_err(|e| anyhow::anyhow!("{e}"))?));
     let bare = || -> anyhow::Result<f64> {
-        Ok(rt
-            .block_on(bare_boot(&spec, accel, &bare_dir, MARKER))
-            .map_err(anyhow::Error::msg)?
-            .as_secs_f64())
+        Ok(rt.block_on(bare_boot(&spec, accel, &bare_dir, MARKER)).map_err(anyhow::Error::msg)?.as_secs_f64())
     };
 
     // Warm: the image is on the node before the clock starts.
@@ -150,10 +107,7 @@ pub fn run(
     for i in 0..boots {
         b.push(bare()?);
         w.push(create_wait(c, &format!("warm{i}"), "warm")?);
-        eprintln!(
-            "  warm {i}: bare {:.2} s, vm create --wait {:.2} s",
-            b[i], w[i]
-        );
+        eprintln!("  warm {i}: bare {:.2} s, vm create --wait {:.2} s", b[i], w[i]);
     }
     c.cli_stdout(&["node", "label", &host, "benchhost-"])?;
     c.cli_stdout(&["image", "rm", "bench"])?;
@@ -171,10 +125,7 @@ pub fn run(
         let bb = bare()?;
         fetch.push(f);
         base.push(f + bb);
-        eprintln!(
-            "  cold {i}: vm create --wait {:.2} s; pull {f:.2} s + bare {bb:.2} s",
-            cold[i]
-        );
+        eprintln!("  cold {i}: vm create --wait {:.2} s; pull {f:.2} s + bare {bb:.2} s", cold[i]);
         c.cli_stdout(&["node", "label", &host, "benchhost-"])?;
         c.cli_stdout(&["image", "rm", "bench"])?;
     }
@@ -195,3 +146,4 @@ pub fn run(
         image_bytes: size,
     })
 }
+

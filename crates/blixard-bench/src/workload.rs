@@ -39,12 +39,7 @@ struct WorkerResult {
 }
 
 /// Runs `workers` concurrently: `warmup` unmeasured, then `duration` measured.
-pub async fn run<W: Worker>(
-    system: &str,
-    workers: Vec<W>,
-    warmup: Duration,
-    duration: Duration,
-) -> anyhow::Result<Stats> {
+pub async fn run<W: Worker>(system: &str, workers: Vec<W>, warmup: Duration, duration: Duration) -> anyhow::Result<Stats> {
     let concurrency = workers.len();
     let start = Instant::now();
     let from = start + warmup;
@@ -52,11 +47,7 @@ pub async fn run<W: Worker>(
     let mut tasks = tokio::task::JoinSet::new();
     for mut w in workers {
         tasks.spawn(async move {
-            let mut res = WorkerResult {
-                lat_us: Vec::with_capacity(1 << 16),
-                errors: 0,
-                first_error: None,
-            };
+            let mut res = WorkerResult { lat_us: Vec::with_capacity(1 << 16), errors: 0, first_error: None };
             let mut i = 0u64;
             loop {
                 let t0 = Instant::now();
@@ -72,9 +63,9 @@ pub async fn run<W: Worker>(
                     Err(_) => Some(format!("no answer within {OP_TIMEOUT:?}")),
                 };
                 match err {
-                    None if t0 >= from && t1 <= until => res
-                        .lat_us
-                        .push(u32::try_from((t1 - t0).as_micros()).unwrap_or(u32::MAX)),
+                    None if t0 >= from && t1 <= until => {
+                        res.lat_us.push(u32::try_from((t1 - t0).as_micros()).unwrap_or(u32::MAX))
+                    }
                     None => {}
                     Some(e) => {
                         if t0 >= from {
@@ -110,11 +101,7 @@ pub async fn run<W: Worker>(
         let rank = ((p / 100.0) * lat.len() as f64).ceil() as usize;
         lat[rank.clamp(1, lat.len()) - 1] as f64 / 1000.0
     };
-    let mean = if lat.is_empty() {
-        f64::NAN
-    } else {
-        lat.iter().map(|&x| x as f64).sum::<f64>() / lat.len() as f64 / 1000.0
-    };
+    let mean = if lat.is_empty() { f64::NAN } else { lat.iter().map(|&x| x as f64).sum::<f64>() / lat.len() as f64 / 1000.0 };
     Ok(Stats {
         system: system.to_string(),
         concurrency,
@@ -137,11 +124,7 @@ pub fn median_p90(mut v: Vec<f64>) -> (f64, f64) {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
+    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
     let p90 = v[((0.9 * n as f64).ceil() as usize).clamp(1, n) - 1];
     (median, p90)
 }

@@ -31,10 +31,7 @@ async fn endpoint() -> Endpoint {
 
 /// `BENCH_INLINE_KIB`: blobs up to this size live in the store's database.
 fn inline(o: &mut ImageStoreOptions) {
-    if let Some(k) = std::env::var("BENCH_INLINE_KIB")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    if let Some(k) = std::env::var("BENCH_INLINE_KIB").ok().and_then(|v| v.parse::<u64>().ok()) {
         o.inline_max = k * 1024;
     }
 }
@@ -76,14 +73,8 @@ async fn main() {
         return fetch_child(&args[2..]).await;
     }
     let mib: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1024);
-    let base = args
-        .get(2)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
-    let work = tempfile::Builder::new()
-        .prefix("blixard-fetch-bench")
-        .tempdir_in(&base)
-        .unwrap();
+    let base = args.get(2).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let work = tempfile::Builder::new().prefix("blixard-fetch-bench").tempdir_in(&base).unwrap();
     let w = work.path();
     let size = mib << 20;
     let disk = w.join("disk.img");
@@ -94,16 +85,9 @@ async fn main() {
     // Warm-up of fresh memory (see notes): a cp whose result is discarded.
     let cp = |dst: &Path| {
         let t = Instant::now();
-        let st = std::process::Command::new("cp")
-            .arg(&disk)
-            .arg(dst)
-            .status()
-            .unwrap();
+        let st = std::process::Command::new("cp").arg(&disk).arg(dst).status().unwrap();
         assert!(st.success());
-        let st = std::process::Command::new("sync")
-            .arg(dst)
-            .status()
-            .unwrap();
+        let st = std::process::Command::new("sync").arg(dst).status().unwrap();
         assert!(st.success());
         t.elapsed().as_secs_f64()
     };
@@ -114,29 +98,15 @@ async fn main() {
 
     let ep = endpoint().await;
     let mut aopts = ImageStoreOptions::new(w.join("a"));
-    if let Some(avg) = std::env::var("BENCH_CHUNK_AVG_KIB")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-    {
-        aopts.chunking = blixard_images::ChunkParams {
-            min: avg * 1024 / 4,
-            avg: avg * 1024,
-            max: avg * 1024 * 4,
-        };
+    if let Some(avg) = std::env::var("BENCH_CHUNK_AVG_KIB").ok().and_then(|v| v.parse::<u32>().ok()) {
+        aopts.chunking = blixard_images::ChunkParams { min: avg * 1024 / 4, avg: avg * 1024, max: avg * 1024 * 4 };
     }
     inline(&mut aopts);
     let chunking = aopts.chunking;
     let a = ImageStore::open(ep.clone(), aopts).await.unwrap();
-    let router = Router::builder(ep.clone())
-        .accept(ALPN, a.protocol_handler())
-        .spawn();
+    let router = Router::builder(ep.clone()).accept(ALPN, a.protocol_handler()).spawn();
     let t = Instant::now();
-    let spec = BundleSpec {
-        kernel: w.join("kernel"),
-        initrd: w.join("initrd"),
-        disk: Some(disk.clone()),
-        cmdline: "console=ttyS0".into(),
-    };
+    let spec = BundleSpec { kernel: w.join("kernel"), initrd: w.join("initrd"), disk: Some(disk.clone()), cmdline: "console=ttyS0".into() };
     let img = a.add_bundle(&spec, &|_p: Progress| {}).await.unwrap();
     let add_s = t.elapsed().as_secs_f64();
     let chunks = match a.manifest(img.hash).await.unwrap().image() {
@@ -146,27 +116,13 @@ async fn main() {
     let addrs: Vec<String> = ep.bound_sockets().iter().map(|s| s.to_string()).collect();
 
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "fetch",
-            &ep.id().to_string(),
-            &addrs.join(","),
-            &img.hash.to_string(),
-            &w.join("b").to_string_lossy(),
-        ])
+        .args(["fetch", &ep.id().to_string(), &addrs.join(","), &img.hash.to_string(), &w.join("b").to_string_lossy()])
         .output()
         .unwrap();
     let child = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "fetch child failed: {child} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "fetch child failed: {child} {}", String::from_utf8_lossy(&out.stderr));
     let field = |k: &str| -> f64 {
-        child
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(f64::NAN)
+        child.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{k}="))).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
     };
     let fetch_s = field("fetch_s");
     let mat_s = field("materialise_s");
@@ -179,23 +135,10 @@ async fn main() {
         chunking.avg / 1024,
         chunking.max / 1024
     );
-    println!(
-        "add (chunk + store) on A: {add_s:.2} s ({:.0} MB/s)",
-        mb / add_s
-    );
-    println!(
-        "cp of the disk file:      {cp_s:.2} s ({:.0} MB/s)",
-        mb / cp_s
-    );
-    println!(
-        "fetch A->B (loopback):    {fetch_s:.2} s ({:.0} MB/s), ratio fetch/cp throughput = {:.2}",
-        mb / fetch_s,
-        cp_s / fetch_s
-    );
-    println!(
-        "materialise on B (reassemble disk + fsync): {mat_s:.2} s ({:.0} MB/s)",
-        mb / mat_s
-    );
+    println!("add (chunk + store) on A: {add_s:.2} s ({:.0} MB/s)", mb / add_s);
+    println!("cp of the disk file:      {cp_s:.2} s ({:.0} MB/s)", mb / cp_s);
+    println!("fetch A->B (loopback):    {fetch_s:.2} s ({:.0} MB/s), ratio fetch/cp throughput = {:.2}", mb / fetch_s, cp_s / fetch_s);
+    println!("materialise on B (reassemble disk + fsync): {mat_s:.2} s ({:.0} MB/s)", mb / mat_s);
     println!("peak RSS of the fetching process: {rss_fetch:.0} MiB after fetch, {rss_all:.0} MiB after materialise (budget 128 MiB)");
     let _ = router.shutdown().await;
     a.shutdown().await;
@@ -210,22 +153,13 @@ async fn fetch_child(args: &[String]) {
     let hash: blixard_images::Hash = args[2].parse().unwrap();
     let ep = endpoint().await;
     let mut opts = ImageStoreOptions::new(&args[3]);
-    if let Some(n) = std::env::var("BENCH_PER_PROVIDER")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
+    if let Some(n) = std::env::var("BENCH_PER_PROVIDER").ok().and_then(|v| v.parse().ok()) {
         opts.fetch.per_provider = n;
     }
-    if let Some(n) = std::env::var("BENCH_BATCH")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
+    if let Some(n) = std::env::var("BENCH_BATCH").ok().and_then(|v| v.parse().ok()) {
         opts.fetch.batch = n;
     }
-    if let Some(n) = std::env::var("BENCH_PART_MAX")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
+    if let Some(n) = std::env::var("BENCH_PART_MAX").ok().and_then(|v| v.parse().ok()) {
         opts.fetch.batch_part_max = n;
     }
     inline(&mut opts);
@@ -237,9 +171,7 @@ async fn fetch_child(args: &[String]) {
     let t = Instant::now();
     let m = b.materialise(hash, &|_p: Progress| {}).await.unwrap();
     let mat_s = t.elapsed().as_secs_f64();
-    let Materialised::Bundle { disk, .. } = m else {
-        panic!()
-    };
+    let Materialised::Bundle { disk, .. } = m else { panic!() };
     assert!(disk.is_some());
     println!(
         "fetch_s={fetch_s:.3} materialise_s={mat_s:.3} bytes={} rss_after_fetch_mib={rss_fetch:.1} rss_peak_mib={:.1}",

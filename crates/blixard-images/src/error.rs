@@ -10,9 +10,7 @@ use crate::nix::{NarError, NixCommandError};
 
 /// True when an I/O error means the disk is full.
 pub(crate) fn is_disk_full(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::StorageFull
-        || e.raw_os_error() == Some(28)
-        || is_disk_full_msg(&e.to_string())
+    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) || is_disk_full_msg(&e.to_string())
 }
 
 pub(crate) fn is_disk_full_msg(s: &str) -> bool {
@@ -36,21 +34,14 @@ pub enum AddError {
     #[error("{0} is not a Nix store path or a link to one (e.g. the `result` link of nix-build)")]
     NotAStorePath(PathBuf),
     #[error("the closure of {path} cannot be read: {source}; build or realise it first (nix-store --realise {path})")]
-    Closure {
-        path: String,
-        source: NixCommandError,
-    },
+    Closure { path: String, source: NixCommandError },
     #[error("cannot dump {path} from the Nix store: {detail}")]
     Dump { path: String, detail: String },
     #[error(
         "store path {path} is corrupt: its NAR hash is sha256:{got}, the Nix database says sha256:{expected}; \
          repair it (nix-store --repair-path {path}) and push again"
     )]
-    NarHashMismatch {
-        path: String,
-        expected: String,
-        got: String,
-    },
+    NarHashMismatch { path: String, expected: String, got: String },
     #[error("{0} is not a regular file")]
     NotAFile(PathBuf),
     #[error("cannot read {path}: {source}")]
@@ -70,19 +61,11 @@ pub enum FetchError {
         "image {hash}: {missing} of {total} parts could not be fetched from any provider ({reasons}); \
          retry with peers that hold the image"
     )]
-    Unavailable {
-        hash: Hash,
-        missing: usize,
-        total: usize,
-        reasons: String,
-    },
+    Unavailable { hash: Hash, missing: usize, total: usize, reasons: String },
     #[error("image {hash} is not a valid image: {reason} (tampered, or not an image hash)")]
     BadImage { hash: Hash, reason: String },
     #[error("image {hash}: manifest refused: {source}")]
-    Manifest {
-        hash: Hash,
-        source: ManifestDecodeError,
-    },
+    Manifest { hash: Hash, source: ManifestDecodeError },
     #[error("disk full while fetching {hash}: free space in {dir}; partial data is removed by `image gc`")]
     DiskFull { hash: Hash, dir: PathBuf },
     #[error("blob store error while fetching {hash}: {detail}")]
@@ -97,26 +80,15 @@ pub enum MaterialiseError {
     #[error("image {0} is not complete in the local store: fetch it first")]
     NotFetched(Hash),
     #[error("image {hash}: manifest refused: {source}")]
-    Manifest {
-        hash: Hash,
-        source: ManifestDecodeError,
-    },
+    Manifest { hash: Hash, source: ManifestDecodeError },
     #[error(
         "NAR of {path} does not match the manifest (sha256 {got}, manifest says {expected}, \
          {got_size} vs {expected_size} bytes): the publisher's manifest is wrong or tampered; nothing was imported for it"
     )]
-    NarHashMismatch {
-        path: String,
-        expected: String,
-        got: String,
-        expected_size: u64,
-        got_size: u64,
-    },
+    NarHashMismatch { path: String, expected: String, got: String, expected_size: u64, got_size: u64 },
     #[error("importing into the Nix store failed: {0}")]
     Nix(#[from] NixCommandError),
-    #[error(
-        "after import, the Nix store reports {path} with a different NAR hash than the manifest"
-    )]
+    #[error("after import, the Nix store reports {path} with a different NAR hash than the manifest")]
     ImportMismatch { path: String },
     #[error("unpacking the NAR of {path}: {source}")]
     Nar { path: String, source: NarError },
@@ -145,10 +117,7 @@ pub enum InfoError {
     #[error("blob store error: {0}")]
     Store(String),
     #[error("image {hash}: manifest refused: {source}")]
-    Manifest {
-        hash: Hash,
-        source: ManifestDecodeError,
-    },
+    Manifest { hash: Hash, source: ManifestDecodeError },
     #[error("{hash} is not a valid image: {reason}")]
     BadImage { hash: Hash, reason: String },
 }

@@ -23,7 +23,4 @@ pub use iroh_blobs::Hash;
 pub use manifest::Manifest;
 pub use materialise::Materialised;
 pub use nix::NixOptions;
-pub use store::{
-    BundleSpec, ChunkParams, GcStats, ImageRef, ImageStore, ImageStoreOptions, LocalImage,
-    Progress, ALPN,
-};
+pub use store::{BundleSpec, ChunkParams, GcStats, ImageRef, ImageStore, ImageStoreOptions, LocalImage, Progress, ALPN};

@@ -114,8 +114,8 @@ impl Manifest {
         if bytes.len() as u64 > MAX_MANIFEST_SIZE {
             return Err(ManifestDecodeError::TooLarge(bytes.len() as u64));
         }
-        let (m, rest): (Manifest, &[u8]) = postcard::take_from_bytes(bytes)
-            .map_err(|e| ManifestDecodeError::Malformed(e.to_string()))?;
+        let (m, rest): (Manifest, &[u8]) =
+            postcard::take_from_bytes(bytes).map_err(|e| ManifestDecodeError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
             return Err(ManifestDecodeError::Trailing(rest.len()));
         }
@@ -154,10 +154,7 @@ impl Manifest {
                     }
                     for r in &p.references {
                         if !names.contains(r.as_str()) {
-                            return bad(format!(
-                                "{} refers to {} outside the closure",
-                                p.store_path, r
-                            ));
+                            return bad(format!("{} refers to {} outside the closure", p.store_path, r));
                         }
                     }
                 }
@@ -199,9 +196,7 @@ mod hash_bytes {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Hash, D::Error> {
         let b: &[u8] = <&[u8]>::deserialize(d)?;
-        let a: [u8; 32] = b
-            .try_into()
-            .map_err(|_| serde::de::Error::invalid_length(b.len(), &"32 bytes"))?;
+        let a: [u8; 32] = b.try_into().map_err(|_| serde::de::Error::invalid_length(b.len(), &"32 bytes"))?;
         Ok(Hash::from_bytes(a))
     }
 }
@@ -219,20 +214,8 @@ mod tests {
             image: Image::NixClosure(NixClosure {
                 entry: b.clone(),
                 paths: vec![
-                    StorePathEntry {
-                        store_path: a.clone(),
-                        nar_hash: [1; 32],
-                        nar_size: 5,
-                        references: vec![],
-                        blob: Hash::new(b"a"),
-                    },
-                    StorePathEntry {
-                        store_path: b,
-                        nar_hash: [2; 32],
-                        nar_size: 5,
-                        references: vec![a],
-                        blob: Hash::new(b"b"),
-                    },
+                    StorePathEntry { store_path: a.clone(), nar_hash: [1; 32], nar_size: 5, references: vec![], blob: Hash::new(b"a") },
+                    StorePathEntry { store_path: b, nar_hash: [2; 32], nar_size: 5, references: vec![a], blob: Hash::new(b"b") },
                 ],
             }),
         })
@@ -245,19 +228,9 @@ mod tests {
         let bundle = Manifest::V1(ManifestV1 {
             parts_size: 3,
             image: Image::Bundle(Bundle {
-                kernel: FilePart {
-                    blob: Hash::new(b"k"),
-                    size: 1,
-                },
-                initrd: FilePart {
-                    blob: Hash::new(b"i"),
-                    size: 1,
-                },
-                disk: Some(ChunkedFile {
-                    chunks: Hash::new(b"d"),
-                    size: 1,
-                    chunk_count: 1,
-                }),
+                kernel: FilePart { blob: Hash::new(b"k"), size: 1 },
+                initrd: FilePart { blob: Hash::new(b"i"), size: 1 },
+                disk: Some(ChunkedFile { chunks: Hash::new(b"d"), size: 1, chunk_count: 1 }),
                 cmdline: "console=ttyS0".into(),
             }),
         });
@@ -267,23 +240,13 @@ mod tests {
     #[test]
     fn refuses_inconsistent_closures() {
         let Manifest::V1(mut v) = sample();
-        let Image::NixClosure(c) = &mut v.image else {
-            unreachable!()
-        };
-        c.paths[0]
-            .references
-            .push("/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-elsewhere".into());
+        let Image::NixClosure(c) = &mut v.image else { unreachable!() };
+        c.paths[0].references.push("/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-elsewhere".into());
         let m = Manifest::V1(v);
-        assert!(matches!(
-            Manifest::decode(&m.encode()),
-            Err(ManifestDecodeError::Invalid(_))
-        ));
+        assert!(matches!(Manifest::decode(&m.encode()), Err(ManifestDecodeError::Invalid(_))));
         let mut bytes = sample().encode();
         bytes.push(0);
-        assert_eq!(
-            Manifest::decode(&bytes),
-            Err(ManifestDecodeError::Trailing(1))
-        );
+        assert_eq!(Manifest::decode(&bytes), Err(ManifestDecodeError::Trailing(1)));
     }
 
     proptest! {

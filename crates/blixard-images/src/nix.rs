@@ -35,13 +35,9 @@ impl NixOptions {
     pub fn nix_store(&self) -> Option<PathBuf> {
         let dirs: Vec<PathBuf> = match &self.bin_dir {
             Some(d) => vec![d.clone()],
-            None => std::env::var_os("PATH")
-                .map(|p| std::env::split_paths(&p).collect())
-                .unwrap_or_default(),
+            None => std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default(),
         };
-        dirs.into_iter()
-            .map(|d| d.join("nix-store"))
-            .find(|p| p.is_file())
+        dirs.into_iter().map(|d| d.join("nix-store")).find(|p| p.is_file())
     }
 
     pub(crate) fn command(&self, bin: &Path) -> Command {
@@ -74,9 +70,7 @@ pub fn store_path_name(p: &str) -> Option<&str> {
     let name_ok = !name.is_empty()
         && name.len() <= 211
         && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b));
     (hash_ok && name_ok).then_some(name)
 }
 
@@ -92,11 +86,7 @@ pub fn resolve_store_path(p: &Path) -> Option<String> {
             return store_path_name(&candidate).is_some().then_some(candidate);
         }
         let target = std::fs::read_link(&cur).ok()?;
-        cur = if target.is_absolute() {
-            target
-        } else {
-            cur.parent()?.join(target)
-        };
+        cur = if target.is_absolute() { target } else { cur.parent()?.join(target) };
     }
     None
 }
@@ -161,20 +151,12 @@ pub enum NixCommandError {
     #[error("cannot run {bin}: {source}")]
     Spawn { bin: PathBuf, source: io::Error },
     #[error("`nix-store {args}` failed ({status}): {stderr}")]
-    Failed {
-        args: String,
-        status: String,
-        stderr: String,
-    },
+    Failed { args: String, status: String, stderr: String },
     #[error("unexpected output from `nix-store {args}`: {detail}")]
     Output { args: String, detail: String },
 }
 
-pub(crate) async fn run_nix_store(
-    opts: &NixOptions,
-    bin: &Path,
-    args: &[String],
-) -> Result<String, NixCommandError> {
+pub(crate) async fn run_nix_store(opts: &NixOptions, bin: &Path, args: &[String]) -> Result<String, NixCommandError> {
     let out = opts
         .command(bin)
         .args(args)
@@ -182,25 +164,16 @@ pub(crate) async fn run_nix_store(
         .stderr(Stdio::piped())
         .output()
         .await
-        .map_err(|source| NixCommandError::Spawn {
-            bin: bin.to_path_buf(),
-            source,
-        })?;
+        .map_err(|source| NixCommandError::Spawn { bin: bin.to_path_buf(), source })?;
     if !out.status.success() {
         return Err(NixCommandError::Failed {
             args: short_args(args),
             status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr)
-                .trim()
-                .chars()
-                .take(2000)
-                .collect(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().chars().take(2000).collect(),
         });
     }
-    String::from_utf8(out.stdout).map_err(|_| NixCommandError::Output {
-        args: short_args(args),
-        detail: "not UTF-8".into(),
-    })
+    String::from_utf8(out.stdout)
+        .map_err(|_| NixCommandError::Output { args: short_args(args), detail: "not UTF-8".into() })
 }
 
 fn short_args(args: &[String]) -> String {
@@ -221,17 +194,9 @@ pub(crate) async fn query_closure(
     let mut args = store_args(store);
     args.extend(["--query".into(), "--requisites".into(), path.into()]);
     let out = run_nix_store(opts, bin, &args).await?;
-    let paths: Vec<String> = out
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
+    let paths: Vec<String> = out.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     let infos = dump_db(opts, bin, store, &paths).await?;
-    topo_sort(infos).map_err(|detail| NixCommandError::Output {
-        args: "--query --requisites".into(),
-        detail,
-    })
+    topo_sort(infos).map_err(|detail| NixCommandError::Output { args: "--query --requisites".into(), detail })
 }
 
 fn store_args(store: Option<&str>) -> Vec<String> {
@@ -254,27 +219,16 @@ pub(crate) async fn dump_db(
         args.push("--dump-db".into());
         args.extend(batch.iter().cloned());
         let out = run_nix_store(opts, bin, &args).await?;
-        let bad = |detail: String| NixCommandError::Output {
-            args: "--dump-db".into(),
-            detail,
-        };
+        let bad = |detail: String| NixCommandError::Output { args: "--dump-db".into(), detail };
         let mut lines = out.lines();
         while let Some(path) = lines.next() {
             if path.is_empty() {
                 continue;
             }
-            let hash = lines
-                .next()
-                .ok_or_else(|| bad(format!("no hash for {path}")))?;
-            let nar_hash = parse_nar_hash(hash)
-                .ok_or_else(|| bad(format!("bad NAR hash {hash:?} for {path}")))?;
-            let size = lines
-                .next()
-                .ok_or_else(|| bad(format!("no size for {path}")))?;
-            let nar_size = size
-                .trim()
-                .parse()
-                .map_err(|_| bad(format!("bad NAR size {size:?} for {path}")))?;
+            let hash = lines.next().ok_or_else(|| bad(format!("no hash for {path}")))?;
+            let nar_hash = parse_nar_hash(hash).ok_or_else(|| bad(format!("bad NAR hash {hash:?} for {path}")))?;
+            let size = lines.next().ok_or_else(|| bad(format!("no size for {path}")))?;
+            let nar_size = size.trim().parse().map_err(|_| bad(format!("bad NAR size {size:?} for {path}")))?;
             let _deriver = lines.next();
             let n: usize = lines
                 .next()
@@ -282,19 +236,9 @@ pub(crate) async fn dump_db(
                 .ok_or_else(|| bad(format!("bad reference count for {path}")))?;
             let mut references = Vec::with_capacity(n);
             for _ in 0..n {
-                references.push(
-                    lines
-                        .next()
-                        .ok_or_else(|| bad(format!("missing reference of {path}")))?
-                        .to_string(),
-                );
+                references.push(lines.next().ok_or_else(|| bad(format!("missing reference of {path}")))?.to_string());
             }
-            infos.push(PathInfo {
-                path: path.to_string(),
-                nar_hash,
-                nar_size,
-                references,
-            });
+            infos.push(PathInfo { path: path.to_string(), nar_hash, nar_size, references });
         }
     }
     Ok(infos)
@@ -302,8 +246,7 @@ pub(crate) async fn dump_db(
 
 /// Orders paths so that every path comes after its references (self-references ignored).
 pub(crate) fn topo_sort(infos: Vec<PathInfo>) -> Result<Vec<PathInfo>, String> {
-    let mut by_path: BTreeMap<String, PathInfo> =
-        infos.into_iter().map(|i| (i.path.clone(), i)).collect();
+    let mut by_path: BTreeMap<String, PathInfo> = infos.into_iter().map(|i| (i.path.clone(), i)).collect();
     let mut done: BTreeSet<String> = BTreeSet::new();
     let mut out = Vec::with_capacity(by_path.len());
     let keys: Vec<String> = by_path.keys().cloned().collect();
@@ -427,10 +370,7 @@ impl<R: Read> NarReader<R> {
     fn expect(&mut self, s: &str) -> Result<(), NarError> {
         let got = self.string()?;
         if got != s.as_bytes() {
-            return Err(NarError::Malformed(format!(
-                "expected {s:?}, got {:?}",
-                String::from_utf8_lossy(&got)
-            )));
+            return Err(NarError::Malformed(format!("expected {s:?}, got {:?}", String::from_utf8_lossy(&got))));
         }
         Ok(())
     }
@@ -443,18 +383,11 @@ pub fn unpack_nar(r: impl Read, target: &Path) -> Result<(), NarError> {
     unpack_node(&mut nr, target, 0)
 }
 
-fn unpack_node<R: Read>(
-    nr: &mut NarReader<R>,
-    target: &Path,
-    depth: usize,
-) -> Result<(), NarError> {
+fn unpack_node<R: Read>(nr: &mut NarReader<R>, target: &Path, depth: usize) -> Result<(), NarError> {
     if depth > 256 {
         return Err(NarError::Malformed("directories nested too deep".into()));
     }
-    let io_err = |source| NarError::Io {
-        path: target.to_path_buf(),
-        source,
-    };
+    let io_err = |source| NarError::Io { path: target.to_path_buf(), source };
     nr.expect("(")?;
     nr.expect("type")?;
     let ty = nr.string()?;
@@ -479,8 +412,7 @@ fn unpack_node<R: Read>(
             nr.padding(len)?;
             use std::os::unix::fs::PermissionsExt;
             let mode = if executable { 0o755 } else { 0o644 };
-            f.set_permissions(std::fs::Permissions::from_mode(mode))
-                .map_err(io_err)?;
+            f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
             nr.expect(")")?;
         }
         b"symlink" => {
@@ -504,37 +436,20 @@ fn unpack_node<R: Read>(
                 nr.expect("(")?;
                 nr.expect("name")?;
                 let name = nr.string()?;
-                if name.is_empty()
-                    || name == b"."
-                    || name == b".."
-                    || name.contains(&b'/')
-                    || name.contains(&0)
-                {
-                    return Err(NarError::Malformed(format!(
-                        "bad entry name {:?}",
-                        String::from_utf8_lossy(&name)
-                    )));
+                if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+                    return Err(NarError::Malformed(format!("bad entry name {:?}", String::from_utf8_lossy(&name))));
                 }
                 if prev.as_ref().is_some_and(|p| *p >= name) {
                     return Err(NarError::Malformed("entries not sorted".into()));
                 }
                 nr.expect("node")?;
                 use std::os::unix::ffi::OsStrExt;
-                unpack_node(
-                    nr,
-                    &target.join(std::ffi::OsStr::from_bytes(&name)),
-                    depth + 1,
-                )?;
+                unpack_node(nr, &target.join(std::ffi::OsStr::from_bytes(&name)), depth + 1)?;
                 nr.expect(")")?;
                 prev = Some(name);
             }
         }
-        other => {
-            return Err(NarError::Malformed(format!(
-                "unknown node type {:?}",
-                String::from_utf8_lossy(other)
-            )))
-        }
+        other => return Err(NarError::Malformed(format!("unknown node type {:?}", String::from_utf8_lossy(other)))),
     }
     Ok(())
 }
@@ -545,38 +460,20 @@ mod tests {
 
     #[test]
     fn nix32_round_trip() {
-        let h = parse_nar_hash("sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw")
-            .expect("nix32");
-        assert_eq!(
-            nix32_encode(&h),
-            "04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw"
-        );
-        let hex =
-            parse_nar_hash("1c37d01af40be2e80691de3cc3df44377a699afbb17c68f080964b2fd071fc13")
-                .expect("hex");
+        let h = parse_nar_hash("sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw").expect("nix32");
+        assert_eq!(nix32_encode(&h), "04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw");
+        let hex = parse_nar_hash("1c37d01af40be2e80691de3cc3df44377a699afbb17c68f080964b2fd071fc13").expect("hex");
         assert_eq!(nix32_encode(&hex).len(), 52);
         assert_eq!(nix32_decode_32(&nix32_encode(&hex)), Some(hex));
     }
 
     #[test]
     fn store_paths() {
-        assert_eq!(
-            store_path_name("/nix/store/z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-a.txt"),
-            Some("a.txt")
-        );
-        assert_eq!(
-            store_path_name("/nix/store/z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-a.txt/x"),
-            None
-        );
+        assert_eq!(store_path_name("/nix/store/z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-a.txt"), Some("a.txt"));
+        assert_eq!(store_path_name("/nix/store/z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-a.txt/x"), None);
         assert_eq!(store_path_name("/nix/store/short-a"), None);
-        assert_eq!(
-            store_path_name("/tmp/z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-a.txt"),
-            None
-        );
-        assert_eq!(
-            store_path_name("/nix/store/z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-"),
-            None
-        );
+        assert_eq!(store_path_name("/tmp/z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-a.txt"), None);
+        assert_eq!(store_path_name("/nix/store/z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-"), None);
     }
 
     #[test]
@@ -587,8 +484,7 @@ mod tests {
             nar_size: 0,
             references: refs.iter().map(|s| s.to_string()).collect(),
         };
-        let sorted =
-            topo_sort(vec![p("a", &["b", "a"]), p("b", &["c"]), p("c", &[])]).expect("acyclic");
+        let sorted = topo_sort(vec![p("a", &["b", "a"]), p("b", &["c"]), p("c", &[])]).expect("acyclic");
         let order: Vec<&str> = sorted.iter().map(|i| i.path.as_str()).collect();
         assert_eq!(order, vec!["c", "b", "a"]);
         assert!(topo_sort(vec![p("a", &["b"]), p("b", &["a"])]).is_err());
@@ -600,22 +496,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(unpack_nar(&b"garbage"[..], &dir.path().join("x")).is_err());
         let mut nar = Vec::new();
-        for s in [
-            "nix-archive-1",
-            "(",
-            "type",
-            "directory",
-            "entry",
-            "(",
-            "name",
-            "..",
-            "node",
-        ] {
+        for s in ["nix-archive-1", "(", "type", "directory", "entry", "(", "name", "..", "node"] {
             put_str(&mut nar, s.as_bytes());
         }
-        assert!(matches!(
-            unpack_nar(&nar[..], &dir.path().join("y")),
-            Err(NarError::Malformed(_))
-        ));
+        assert!(matches!(unpack_nar(&nar[..], &dir.path().join("y")), Err(NarError::Malformed(_))));
     }
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use iroh::Endpoint;
 use iroh_blobs::api::blobs::{AddBytesOptions, AddPathOptions, ImportMode};
-use iroh_blobs::api::proto::AddProgressItem;
 use iroh_blobs::api::TempTag;
+use iroh_blobs::api::proto::AddProgressItem;
 use iroh_blobs::hashseq::HashSeq;
 use iroh_blobs::store::fs::options::Options as FsOptions;
 use iroh_blobs::store::fs::FsStore;
@@ -69,11 +69,7 @@ pub struct ChunkParams {
 impl Default for ChunkParams {
     /// 32 KiB / 128 KiB / 512 KiB: a 1 GiB disk is ~8k chunks.
     fn default() -> Self {
-        Self {
-            min: 32 * 1024,
-            avg: 128 * 1024,
-            max: 512 * 1024,
-        }
+        Self { min: 32 * 1024, avg: 128 * 1024, max: 512 * 1024 }
     }
 }
 
@@ -161,13 +157,7 @@ impl GcControl {
         }
         let wanted = self.requested.load(Ordering::SeqCst);
         if wanted > *self.finished.borrow() {
-            live.extend(
-                self.protected
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .copied(),
-            );
+            live.extend(self.protected.lock().unwrap_or_else(|e| e.into_inner()).iter().copied());
             *running = Some(wanted);
             ProtectOutcome::Continue
         } else {
@@ -207,9 +197,7 @@ pub struct ImageStore {
 
 impl std::fmt::Debug for ImageStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImageStore")
-            .field("dir", &self.inner.dir)
-            .finish()
+        f.debug_struct("ImageStore").field("dir", &self.inner.dir).finish()
     }
 }
 
@@ -220,19 +208,11 @@ impl ImageStore {
         let blobs_dir = dir.join("blobs");
         let mat_dir = dir.join("materialised");
         for d in [&blobs_dir, &mat_dir] {
-            tokio::fs::create_dir_all(d)
-                .await
-                .map_err(|source| OpenError::Io {
-                    dir: d.clone(),
-                    source,
-                })?;
+            tokio::fs::create_dir_all(d).await.map_err(|source| OpenError::Io { dir: d.clone(), source })?;
         }
         let blobs_dir = tokio::fs::canonicalize(&blobs_dir)
             .await
-            .map_err(|source| OpenError::Io {
-                dir: blobs_dir.clone(),
-                source,
-            })?;
+            .map_err(|source| OpenError::Io { dir: blobs_dir.clone(), source })?;
         let gc = GcControl::new();
         let cb_gc = gc.clone();
         let mut fs_opts = FsOptions::new(&blobs_dir);
@@ -244,22 +224,13 @@ impl ImageStore {
             interval: opts.gc_poll,
             add_protected: Some(Arc::new(move |live: &mut HashSet<Hash>| {
                 let outcome = cb_gc.before_run(live);
-                Box::pin(async move { outcome })
-                    as Pin<Box<dyn std::future::Future<Output = ProtectOutcome> + Send + Sync>>
+                Box::pin(async move { outcome }) as Pin<Box<dyn std::future::Future<Output = ProtectOutcome> + Send + Sync>>
             })),
         });
         let store = FsStore::load_with_opts(blobs_dir.join("blobs.db"), fs_opts)
             .await
-            .map_err(|e| OpenError::Store {
-                dir: blobs_dir.clone(),
-                detail: e.to_string(),
-            })?;
-        let mat_dir = tokio::fs::canonicalize(&mat_dir)
-            .await
-            .map_err(|source| OpenError::Io {
-                dir: mat_dir.clone(),
-                source,
-            })?;
+            .map_err(|e| OpenError::Store { dir: blobs_dir.clone(), detail: e.to_string() })?;
+        let mat_dir = tokio::fs::canonicalize(&mat_dir).await.map_err(|source| OpenError::Io { dir: mat_dir.clone(), source })?;
         let me = Self {
             inner: Arc::new(Inner {
                 dir,
@@ -289,10 +260,7 @@ impl ImageStore {
     pub fn protocol_handler_counting(&self) -> (BlobsProtocol, Arc<AtomicU64>) {
         use iroh_blobs::provider::events::{EventMask, EventSender, ProviderMessage, ThrottleMode};
         let sent = Arc::new(AtomicU64::new(0));
-        let mask = EventMask {
-            throttle: ThrottleMode::Intercept,
-            ..EventMask::DEFAULT
-        };
+        let mask = EventMask { throttle: ThrottleMode::Intercept, ..EventMask::DEFAULT };
         let (events, mut rx) = EventSender::channel(64, mask);
         let counter = sent.clone();
         tokio::spawn(async move {
@@ -330,15 +298,9 @@ impl ImageStore {
     fn store_err(&self, what: &str, e: impl std::fmt::Display) -> AddError {
         let detail = e.to_string();
         if is_disk_full_msg(&detail) {
-            AddError::DiskFull {
-                what: what.to_string(),
-                dir: self.inner.dir.clone(),
-            }
+            AddError::DiskFull { what: what.to_string(), dir: self.inner.dir.clone() }
         } else {
-            AddError::Store {
-                what: what.to_string(),
-                detail,
-            }
+            AddError::Store { what: what.to_string(), detail }
         }
     }
 
@@ -348,31 +310,19 @@ impl ImageStore {
     /// Packs the Nix closure of `path` (a store path or a link to one, e.g. `result`): every
     /// store path becomes one NAR blob (streamed from `nix-store --dump`, its SHA-256
     /// checked against the Nix database), the manifest names them, the image is pinned.
-    pub async fn add_closure(
-        &self,
-        path: &Path,
-        progress: &(dyn Fn(Progress) + Send + Sync),
-    ) -> Result<ImageRef, AddError> {
+    pub async fn add_closure(&self, path: &Path, progress: &(dyn Fn(Progress) + Send + Sync)) -> Result<ImageRef, AddError> {
         let span = info_span!("image_add_closure", path = %path.display());
         self.add_closure_impl(path, progress).instrument(span).await
     }
 
-    async fn add_closure_impl(
-        &self,
-        path: &Path,
-        progress: &(dyn Fn(Progress) + Send + Sync),
-    ) -> Result<ImageRef, AddError> {
+    async fn add_closure_impl(&self, path: &Path, progress: &(dyn Fn(Progress) + Send + Sync)) -> Result<ImageRef, AddError> {
         let _op = self.inner.op_lock.read().await;
         let nixo = &self.inner.opts.nix;
         let bin = nixo.nix_store().ok_or(AddError::NixNotFound)?;
-        let entry = nix::resolve_store_path(path)
-            .ok_or_else(|| AddError::NotAStorePath(path.to_path_buf()))?;
+        let entry = nix::resolve_store_path(path).ok_or_else(|| AddError::NotAStorePath(path.to_path_buf()))?;
         let infos = nix::query_closure(nixo, &bin, None, &entry)
             .await
-            .map_err(|source| AddError::Closure {
-                path: entry.clone(),
-                source,
-            })?;
+            .map_err(|source| AddError::Closure { path: entry.clone(), source })?;
         let total: u64 = infos.iter().map(|i| i.nar_size).sum();
         info!(entry = %entry, paths = infos.len(), nar_bytes = total, "packing closure");
         let done = Arc::new(AtomicU64::new(0));
@@ -380,9 +330,7 @@ impl ImageStore {
         let mut tags = Vec::new();
         let mut entries = Vec::with_capacity(infos.len());
         for i in infos {
-            let (tt, sha, size) = self
-                .add_nar(nixo, &bin, &i.path, &done, total, progress)
-                .await?;
+            let (tt, sha, size) = self.add_nar(nixo, &bin, &i.path, &done, total, progress).await?;
             if sha != i.nar_hash || size != i.nar_size {
                 return Err(AddError::NarHashMismatch {
                     path: i.path,
@@ -399,10 +347,7 @@ impl ImageStore {
             });
             tags.push(tt);
         }
-        let image = Image::NixClosure(NixClosure {
-            entry,
-            paths: entries,
-        });
+        let image = Image::NixClosure(NixClosure { entry, paths: entries });
         self.finish_image(image, total, Vec::new(), tags).await
     }
 
@@ -415,10 +360,7 @@ impl ImageStore {
         total: u64,
         progress: &(dyn Fn(Progress) + Send + Sync),
     ) -> Result<(TempTag, [u8; 32], u64), AddError> {
-        let dump_err = |detail: String| AddError::Dump {
-            path: store_path.to_string(),
-            detail,
-        };
+        let dump_err = |detail: String| AddError::Dump { path: store_path.to_string(), detail };
         let mut child = nixo
             .command(bin)
             .arg("--dump")
@@ -427,10 +369,7 @@ impl ImageStore {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .map_err(|e| dump_err(format!("cannot run {}: {e}", bin.display())))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| dump_err("no stdout".into()))?;
+        let stdout = child.stdout.take().ok_or_else(|| dump_err("no stdout".into()))?;
         let (hash_tx, hash_rx) = tokio::sync::oneshot::channel::<([u8; 32], u64)>();
         let counter = done.clone();
         struct St {
@@ -440,13 +379,7 @@ impl ImageStore {
             tx: Option<tokio::sync::oneshot::Sender<([u8; 32], u64)>>,
             counter: Arc<AtomicU64>,
         }
-        let st = St {
-            r: stdout,
-            sha: sha2::Sha256::new(),
-            size: 0,
-            tx: Some(hash_tx),
-            counter,
-        };
+        let st = St { r: stdout, sha: sha2::Sha256::new(), size: 0, tx: Some(hash_tx), counter };
         // Streams the NAR in 256 KiB pieces: never more than a few pieces in memory.
         let stream = n0_future::stream::unfold(st, |mut st| async move {
             st.tx.as_ref()?;
@@ -480,23 +413,14 @@ impl ImageStore {
                 AddProgressItem::Error(e) => {
                     let _ = child.kill().await;
                     if is_disk_full(&e) {
-                        return Err(AddError::DiskFull {
-                            what: store_path.into(),
-                            dir: self.inner.dir.clone(),
-                        });
+                        return Err(AddError::DiskFull { what: store_path.into(), dir: self.inner.dir.clone() });
                     }
                     return Err(self.store_err(store_path, e));
                 }
-                _ => progress(Progress {
-                    done: done.load(Ordering::Relaxed),
-                    total,
-                }),
+                _ => progress(Progress { done: done.load(Ordering::Relaxed), total }),
             }
         }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| dump_err(e.to_string()))?;
+        let out = child.wait_with_output().await.map_err(|e| dump_err(e.to_string()))?;
         if !out.status.success() {
             return Err(dump_err(format!(
                 "nix-store --dump exited with {}: {}",
@@ -505,56 +429,31 @@ impl ImageStore {
             )));
         }
         let tt = tt.ok_or_else(|| dump_err("blob store did not finish the import".into()))?;
-        let (sha, size) = hash_rx
-            .await
-            .map_err(|_| dump_err("NAR stream ended early".into()))?;
-        progress(Progress {
-            done: done.load(Ordering::Relaxed),
-            total,
-        });
+        let (sha, size) = hash_rx.await.map_err(|_| dump_err("NAR stream ended early".into()))?;
+        progress(Progress { done: done.load(Ordering::Relaxed), total });
         Ok((tt, sha, size))
     }
 
     /// Packs a kernel, an initrd, an optional root disk (split by FastCDC into chunks) and a
     /// kernel command line.
-    pub async fn add_bundle(
-        &self,
-        spec: &BundleSpec,
-        progress: &(dyn Fn(Progress) + Send + Sync),
-    ) -> Result<ImageRef, AddError> {
+    pub async fn add_bundle(&self, spec: &BundleSpec, progress: &(dyn Fn(Progress) + Send + Sync)) -> Result<ImageRef, AddError> {
         let span = info_span!("image_add_bundle", kernel = %spec.kernel.display());
         self.add_bundle_impl(spec, progress).instrument(span).await
     }
 
-    async fn add_bundle_impl(
-        &self,
-        spec: &BundleSpec,
-        progress: &(dyn Fn(Progress) + Send + Sync),
-    ) -> Result<ImageRef, AddError> {
+    async fn add_bundle_impl(&self, spec: &BundleSpec, progress: &(dyn Fn(Progress) + Send + Sync)) -> Result<ImageRef, AddError> {
         let _op = self.inner.op_lock.read().await;
         let mut sizes = Vec::new();
         let mut files = vec![&spec.kernel, &spec.initrd];
         files.extend(spec.disk.iter());
         let mut abs = Vec::new();
         for f in files {
-            let md = tokio::fs::metadata(f)
-                .await
-                .map_err(|source| AddError::Read {
-                    path: f.clone(),
-                    source,
-                })?;
+            let md = tokio::fs::metadata(f).await.map_err(|source| AddError::Read { path: f.clone(), source })?;
             if !md.is_file() {
                 return Err(AddError::NotAFile(f.clone()));
             }
             sizes.push(md.len());
-            abs.push(
-                tokio::fs::canonicalize(f)
-                    .await
-                    .map_err(|source| AddError::Read {
-                        path: f.clone(),
-                        source,
-                    })?,
-            );
+            abs.push(tokio::fs::canonicalize(f).await.map_err(|source| AddError::Read { path: f.clone(), source })?);
         }
         let total: u64 = sizes.iter().sum();
         let done = Arc::new(AtomicU64::new(0));
@@ -562,35 +461,22 @@ impl ImageStore {
         let mut tags = Vec::new();
         let kernel = self.add_file(&abs[0], &done, total, progress).await?;
         let initrd = self.add_file(&abs[1], &done, total, progress).await?;
-        let kernel_part = FilePart {
-            blob: kernel.hash(),
-            size: sizes[0],
-        };
-        let initrd_part = FilePart {
-            blob: initrd.hash(),
-            size: sizes[1],
-        };
+        let kernel_part = FilePart { blob: kernel.hash(), size: sizes[0] };
+        let initrd_part = FilePart { blob: initrd.hash(), size: sizes[1] };
         tags.push(kernel);
         tags.push(initrd);
         let mut chunk_hashes = Vec::new();
         let mut disk = None;
         let mut parts_size = sizes[0] + sizes[1];
         if let Some(d) = abs.get(2) {
-            let (cf, unique, unique_size, chunk_tags) =
-                self.add_chunked(d, &done, total, progress).await?;
+            let (cf, unique, unique_size, chunk_tags) = self.add_chunked(d, &done, total, progress).await?;
             parts_size += unique_size;
             chunk_hashes = unique;
             tags.extend(chunk_tags);
             disk = Some(cf);
         }
-        let image = Image::Bundle(Bundle {
-            kernel: kernel_part,
-            initrd: initrd_part,
-            disk,
-            cmdline: spec.cmdline.clone(),
-        });
-        self.finish_image(image, parts_size, chunk_hashes, tags)
-            .await
+        let image = Image::Bundle(Bundle { kernel: kernel_part, initrd: initrd_part, disk, cmdline: spec.cmdline.clone() });
+        self.finish_image(image, parts_size, chunk_hashes, tags).await
     }
 
     async fn add_file(
@@ -604,42 +490,26 @@ impl ImageStore {
         let mut items = Box::pin(
             self.inner
                 .store
-                .add_path_with_opts(AddPathOptions {
-                    path: path.to_path_buf(),
-                    mode: ImportMode::Copy,
-                    format: BlobFormat::Raw,
-                })
+                .add_path_with_opts(AddPathOptions { path: path.to_path_buf(), mode: ImportMode::Copy, format: BlobFormat::Raw })
                 .stream()
                 .await,
         );
         let what = path.display().to_string();
         while let Some(item) = items.next().await {
             match item {
-                AddProgressItem::CopyProgress(o) => progress(Progress {
-                    done: base + o,
-                    total,
-                }),
+                AddProgressItem::CopyProgress(o) => progress(Progress { done: base + o, total }),
                 AddProgressItem::Size(s) => {
                     done.store(base + s, Ordering::Relaxed);
                 }
                 AddProgressItem::Done(t) => {
-                    progress(Progress {
-                        done: done.load(Ordering::Relaxed),
-                        total,
-                    });
+                    progress(Progress { done: done.load(Ordering::Relaxed), total });
                     return Ok(t);
                 }
                 AddProgressItem::Error(e) => {
                     if is_disk_full(&e) {
-                        return Err(AddError::DiskFull {
-                            what,
-                            dir: self.inner.dir.clone(),
-                        });
+                        return Err(AddError::DiskFull { what, dir: self.inner.dir.clone() });
                     }
-                    return Err(AddError::Read {
-                        path: path.to_path_buf(),
-                        source: e,
-                    });
+                    return Err(AddError::Read { path: path.to_path_buf(), source: e });
                 }
                 _ => {}
             }
@@ -657,10 +527,7 @@ impl ImageStore {
         progress: &(dyn Fn(Progress) + Send + Sync),
     ) -> Result<(ChunkedFile, Vec<Hash>, u64, Vec<TempTag>), AddError> {
         let p = self.inner.opts.chunking;
-        let file = std::fs::File::open(path).map_err(|source| AddError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let file = std::fs::File::open(path).map_err(|source| AddError::Read { path: path.to_path_buf(), source })?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
         let reader = tokio::task::spawn_blocking(move || {
             let cdc = fastcdc::v2020::StreamCDC::new(
@@ -684,10 +551,7 @@ impl ImageStore {
         let mut tags = Vec::new();
         let mut size = 0u64;
         while let Some(chunk) = rx.recv().await {
-            let data = chunk.map_err(|source| AddError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            let data = chunk.map_err(|source| AddError::Read { path: path.to_path_buf(), source })?;
             let len = data.len() as u64;
             let tt = self
                 .inner
@@ -717,33 +581,17 @@ impl ImageStore {
             .temp_tag()
             .await
             .map_err(|e| self.store_err("chunk list", e))?;
-        let cf = ChunkedFile {
-            chunks: seq_tt.hash(),
-            size,
-            chunk_count,
-        };
+        let cf = ChunkedFile { chunks: seq_tt.hash(), size, chunk_count };
         tags.push(seq_tt);
         Ok((cf, unique, unique_size, tags))
     }
 
     /// Stores the manifest and the root hash sequence, then pins the image with its tag.
-    async fn finish_image(
-        &self,
-        image: Image,
-        parts_size: u64,
-        chunks: Vec<Hash>,
-        _tags: Vec<TempTag>,
-    ) -> Result<ImageRef, AddError> {
+    async fn finish_image(&self, image: Image, parts_size: u64, chunks: Vec<Hash>, _tags: Vec<TempTag>) -> Result<ImageRef, AddError> {
         let manifest = Manifest::V1(ManifestV1 { image, parts_size });
         let bytes = manifest.encode();
         let mlen = bytes.len() as u64;
-        let mtt = self
-            .inner
-            .store
-            .add_bytes(bytes)
-            .temp_tag()
-            .await
-            .map_err(|e| self.store_err("manifest", e))?;
+        let mtt = self.inner.store.add_bytes(bytes).temp_tag().await.map_err(|e| self.store_err("manifest", e))?;
         let mut children = vec![mtt.hash()];
         let mut seen: BTreeSet<Hash> = children.iter().copied().collect();
         let mut extra = 0u64;
@@ -760,10 +608,7 @@ impl ImageStore {
         let rtt = self
             .inner
             .store
-            .add_bytes_with_opts(AddBytesOptions {
-                data: root.into(),
-                format: BlobFormat::HashSeq,
-            })
+            .add_bytes_with_opts(AddBytesOptions { data: root.into(), format: BlobFormat::HashSeq })
             .temp_tag()
             .await
             .map_err(|e| self.store_err("image root", e))?;
@@ -794,34 +639,17 @@ impl ImageStore {
     }
 
     pub(crate) async fn read_small(&self, hash: Hash, max: u64) -> Result<Bytes, String> {
-        match self
-            .inner
-            .store
-            .blobs()
-            .status(hash)
-            .await
-            .map_err(|e| e.to_string())?
-        {
+        match self.inner.store.blobs().status(hash).await.map_err(|e| e.to_string())? {
             iroh_blobs::api::proto::BlobStatus::Complete { size } if size <= max => {}
-            iroh_blobs::api::proto::BlobStatus::Complete { size } => {
-                return Err(format!("blob {hash} is {size} bytes, over the {max} limit"))
-            }
+            iroh_blobs::api::proto::BlobStatus::Complete { size } => return Err(format!("blob {hash} is {size} bytes, over the {max} limit")),
             _ => return Err(format!("blob {hash} is not complete locally")),
         }
-        self.inner
-            .store
-            .blobs()
-            .get_bytes(hash)
-            .await
-            .map_err(|e| e.to_string())
+        self.inner.store.blobs().get_bytes(hash).await.map_err(|e| e.to_string())
     }
 
     /// The manifest of a local image.
     pub async fn manifest(&self, hash: Hash) -> Result<Manifest, InfoError> {
-        let root = self
-            .read_root(hash)
-            .await
-            .map_err(|reason| InfoError::BadImage { hash, reason })?;
+        let root = self.read_root(hash).await.map_err(|reason| InfoError::BadImage { hash, reason })?;
         let b = self
             .read_small(root[0], MAX_MANIFEST_SIZE)
             .await
@@ -831,13 +659,7 @@ impl ImageStore {
 
     /// True when the image's root and every part are present and verified.
     pub async fn is_complete(&self, hash: Hash) -> bool {
-        match self
-            .inner
-            .store
-            .remote()
-            .local(HashAndFormat::hash_seq(hash))
-            .await
-        {
+        match self.inner.store.remote().local(HashAndFormat::hash_seq(hash)).await {
             Ok(l) => l.is_complete(),
             Err(_) => false,
         }
@@ -848,27 +670,14 @@ impl ImageStore {
         let mut out = Vec::new();
         for hash in self.pinned().await.map_err(InfoError::Store)? {
             let complete = self.is_complete(hash).await;
-            let materialised = self
-                .mat_path(&hash)
-                .join(crate::materialise::MARKER)
-                .exists();
-            out.push(LocalImage {
-                hash,
-                complete,
-                materialised,
-            });
+            let materialised = self.mat_path(&hash).join(crate::materialise::MARKER).exists();
+            out.push(LocalImage { hash, complete, materialised });
         }
         Ok(out)
     }
 
     pub(crate) async fn pinned(&self) -> Result<Vec<Hash>, String> {
-        let mut tags = self
-            .inner
-            .store
-            .tags()
-            .list_prefix(TAG_PREFIX)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut tags = self.inner.store.tags().list_prefix(TAG_PREFIX).await.map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         while let Some(t) = tags.next().await {
             let t = t.map_err(|e| e.to_string())?;
@@ -897,13 +706,7 @@ impl ImageStore {
     /// Unpins an image, deletes its materialised copy and collects its blobs (blobs shared
     /// with other pinned images stay). Whether a VM still uses it is the caller's check.
     pub async fn remove(&self, hash: Hash) -> Result<GcStats, GcError> {
-        let keep: Vec<Hash> = self
-            .pinned()
-            .await
-            .map_err(GcError::Store)?
-            .into_iter()
-            .filter(|h| *h != hash)
-            .collect();
+        let keep: Vec<Hash> = self.pinned().await.map_err(GcError::Store)?.into_iter().filter(|h| *h != hash).collect();
         self.gc(&keep).await
     }
 
@@ -914,39 +717,22 @@ impl ImageStore {
         async {
             let _excl = self.inner.op_lock.write().await;
             let keep: HashSet<Hash> = keep.iter().copied().collect();
-            let mut stats = GcStats {
-                blobs_before: self.count_blobs().await?,
-                ..Default::default()
-            };
+            let mut stats = GcStats { blobs_before: self.count_blobs().await?, ..Default::default() };
             for h in self.pinned().await.map_err(GcError::Store)? {
                 if !keep.contains(&h) {
-                    self.inner
-                        .store
-                        .tags()
-                        .delete(tag_name(&h))
-                        .await
-                        .map_err(|e| GcError::Store(e.to_string()))?;
+                    self.inner.store.tags().delete(tag_name(&h)).await.map_err(|e| GcError::Store(e.to_string()))?;
                     stats.images_removed += 1;
                 }
             }
             let mut rd = tokio::fs::read_dir(&self.inner.mat_dir)
                 .await
-                .map_err(|source| GcError::Io {
-                    path: self.inner.mat_dir.clone(),
-                    source,
-                })?;
+                .map_err(|source| GcError::Io { path: self.inner.mat_dir.clone(), source })?;
             while let Ok(Some(e)) = rd.next_entry().await {
                 let name = e.file_name().to_string_lossy().to_string();
                 let hex = name.split('.').next().unwrap_or_default();
-                let kept = Hash::from_str_hex(hex).is_some_and(|h| keep.contains(&h))
-                    && !name.contains(".tmp");
+                let kept = Hash::from_str_hex(hex).is_some_and(|h| keep.contains(&h)) && !name.contains(".tmp");
                 if !kept {
-                    crate::materialise::remove_dir(&e.path())
-                        .await
-                        .map_err(|source| GcError::Io {
-                            path: e.path(),
-                            source,
-                        })?;
+                    crate::materialise::remove_dir(&e.path()).await.map_err(|source| GcError::Io { path: e.path(), source })?;
                     stats.materialised_removed += 1;
                 }
             }
@@ -965,25 +751,15 @@ impl ImageStore {
     }
 
     pub async fn count_blobs(&self) -> Result<usize, GcError> {
-        let hashes = self
-            .inner
-            .store
-            .blobs()
-            .list()
-            .hashes()
-            .await
-            .map_err(|e| GcError::Store(e.to_string()))?;
+        let hashes = self.inner.store.blobs().list().hashes().await.map_err(|e| GcError::Store(e.to_string()))?;
         Ok(hashes.len())
     }
 
     async fn clean_partial_materialisations(&self) {
-        let Ok(mut rd) = tokio::fs::read_dir(&self.inner.mat_dir).await else {
-            return;
-        };
+        let Ok(mut rd) = tokio::fs::read_dir(&self.inner.mat_dir).await else { return };
         while let Ok(Some(e)) = rd.next_entry().await {
             let p = e.path();
-            let partial = p.to_string_lossy().contains(".tmp")
-                || !p.join(crate::materialise::MARKER).exists();
+            let partial = p.to_string_lossy().contains(".tmp") || !p.join(crate::materialise::MARKER).exists();
             if partial {
                 info!(path = %p.display(), "removing partial materialisation");
                 let _ = crate::materialise::remove_dir(&p).await;

@@ -15,10 +15,7 @@ use blixard_images::{Materialised, NixOptions};
 use common::*;
 
 fn nix_env() -> Vec<(OsString, OsString)> {
-    vec![(
-        "NIX_CONFIG".into(),
-        "build-users-group =\nsubstituters =\nsandbox = false\n".into(),
-    )]
+    vec![("NIX_CONFIG".into(), "build-users-group =\nsubstituters =\nsandbox = false\n".into())]
 }
 
 fn nix_available(test: &str) -> bool {
@@ -34,13 +31,7 @@ fn nix_available(test: &str) -> bool {
 
 /// Builds `result` -> runner with references to a directory (exec file, symlink) and a file.
 fn build_closure(dir: &Path) -> PathBuf {
-    let nonce = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let nonce = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
     let d = dir.join("kernel-dir");
     std::fs::create_dir_all(d.join("bin")).unwrap();
     std::fs::write(d.join("bin/tool"), format!("#!/bin/sh\necho {nonce}\n")).unwrap();
@@ -67,25 +58,13 @@ in derivation {{
         .arg(&result)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "nix-build: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "nix-build: {}", String::from_utf8_lossy(&out.stderr));
     result
 }
 
 fn nix_store(args: &[&str]) -> String {
-    let out = Command::new("nix-store")
-        .envs(nix_env())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "nix-store {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("nix-store").envs(nix_env()).args(args).output().unwrap();
+    assert!(out.status.success(), "nix-store {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -95,20 +74,11 @@ fn same_tree(a: &Path, b: &Path) {
     let mb = std::fs::symlink_metadata(b).unwrap();
     if ma.file_type().is_symlink() {
         assert!(mb.file_type().is_symlink(), "{}", b.display());
-        assert_eq!(
-            std::fs::read_link(a).unwrap(),
-            std::fs::read_link(b).unwrap()
-        );
+        assert_eq!(std::fs::read_link(a).unwrap(), std::fs::read_link(b).unwrap());
     } else if ma.is_dir() {
         assert!(mb.is_dir());
-        let mut na: Vec<_> = std::fs::read_dir(a)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        let mut nb: Vec<_> = std::fs::read_dir(b)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let mut na: Vec<_> = std::fs::read_dir(a).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut nb: Vec<_> = std::fs::read_dir(b).unwrap().map(|e| e.unwrap().file_name()).collect();
         na.sort();
         nb.sort();
         assert_eq!(na, nb, "{}", b.display());
@@ -116,18 +86,8 @@ fn same_tree(a: &Path, b: &Path) {
             same_tree(&a.join(&n), &b.join(&n));
         }
     } else {
-        assert_eq!(
-            std::fs::read(a).unwrap(),
-            std::fs::read(b).unwrap(),
-            "{}",
-            b.display()
-        );
-        assert_eq!(
-            ma.permissions().mode() & 0o100,
-            mb.permissions().mode() & 0o100,
-            "exec bit of {}",
-            b.display()
-        );
+        assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap(), "{}", b.display());
+        assert_eq!(ma.permissions().mode() & 0o100, mb.permissions().mode() & 0o100, "exec bit of {}", b.display());
     }
 }
 
@@ -136,56 +96,31 @@ async fn closure_round_trip_with_real_nix_store() {
     if !nix_available("closure_round_trip_with_real_nix_store") {
         return;
     }
-    let nix = |target: Option<String>, disable: bool| NixOptions {
-        env: nix_env(),
-        target_store: target,
-        disable_import: disable,
-        ..Default::default()
-    };
+    let nix = |target: Option<String>, disable: bool| NixOptions { env: nix_env(), target_store: target, disable_import: disable, ..Default::default() };
     let a = node_with(|o| o.nix = nix(None, false)).await;
     let result = build_closure(a.dir.path());
-    let entry = std::fs::read_link(&result)
-        .unwrap()
-        .to_string_lossy()
-        .to_string();
-    let closure: Vec<String> = nix_store(&["-qR", &entry])
-        .lines()
-        .map(String::from)
-        .collect();
+    let entry = std::fs::read_link(&result).unwrap().to_string_lossy().to_string();
+    let closure: Vec<String> = nix_store(&["-qR", &entry]).lines().map(String::from).collect();
     assert_eq!(closure.len(), 3);
 
     let img = a.images.add_closure(&result, &noop).await.unwrap();
     let m = a.images.manifest(img.hash).await.unwrap();
-    let blixard_images::manifest::Image::NixClosure(c) = m.image() else {
-        panic!()
-    };
+    let blixard_images::manifest::Image::NixClosure(c) = m.image() else { panic!() };
     assert_eq!(c.entry, entry);
     assert_eq!(c.paths.len(), 3);
-    assert_eq!(
-        c.paths.last().unwrap().store_path,
-        entry,
-        "references come first"
-    );
+    assert_eq!(c.paths.last().unwrap().store_path, entry, "references come first");
     for p in &c.paths {
         let h = nix_store(&["-q", "--hash", &p.store_path]);
-        assert_eq!(
-            h.trim(),
-            format!("sha256:{}", blixard_images::nix::nix32_encode(&p.nar_hash))
-        );
+        assert_eq!(h.trim(), format!("sha256:{}", blixard_images::nix::nix32_encode(&p.nar_hash)));
     }
 
     // B imports into its own Nix store (a separate store root, as on another machine).
     let b_tmp = tempfile::tempdir().unwrap();
     let b_store = format!("local?root={}", b_tmp.path().join("nixroot").display());
     let b = node_with(|o| o.nix = nix(Some(b_store.clone()), false)).await;
-    b.images
-        .fetch(img.hash, vec![a.addr()], &noop)
-        .await
-        .unwrap();
+    b.images.fetch(img.hash, vec![a.addr()], &noop).await.unwrap();
     let mb = b.images.materialise(img.hash, &noop).await.unwrap();
-    let Materialised::NixStore { entry: e, gc_root } = &mb else {
-        panic!("{mb:?}")
-    };
+    let Materialised::NixStore { entry: e, gc_root } = &mb else { panic!("{mb:?}") };
     assert_eq!(e, &entry);
     assert!(gc_root.symlink_metadata().is_ok());
     for p in &closure {
@@ -195,25 +130,16 @@ async fn closure_round_trip_with_real_nix_store() {
         let refs_a = nix_store(&["-q", "--references", p]);
         let refs_b = nix_store(&["--store", &b_store, "-q", "--references", p]);
         assert_eq!(refs_a, refs_b);
-        same_tree(
-            Path::new(p),
-            &b_tmp.path().join("nixroot").join(p.trim_start_matches('/')),
-        );
+        same_tree(Path::new(p), &b_tmp.path().join("nixroot").join(p.trim_start_matches('/')));
     }
     // Idempotent.
     assert_eq!(b.images.materialise(img.hash, &noop).await.unwrap(), mb);
 
     // C has no Nix (import disabled): a store-path layout under its data dir.
     let c_node = node_with(|o| o.nix = nix(None, true)).await;
-    c_node
-        .images
-        .fetch(img.hash, vec![a.addr(), b.addr()], &noop)
-        .await
-        .unwrap();
+    c_node.images.fetch(img.hash, vec![a.addr(), b.addr()], &noop).await.unwrap();
     let mc = c_node.images.materialise(img.hash, &noop).await.unwrap();
-    let Materialised::StoreLayout { root, entry: e } = &mc else {
-        panic!("{mc:?}")
-    };
+    let Materialised::StoreLayout { root, entry: e } = &mc else { panic!("{mc:?}") };
     assert!(e.join("bin/microvm-run").is_file());
     for p in &closure {
         same_tree(Path::new(p), &root.join(p.trim_start_matches('/')));
@@ -231,30 +157,14 @@ async fn closure_errors_name_the_problem() {
     if !nix_available("closure_errors_name_the_problem") {
         return;
     }
-    let a = node_with(|o| {
-        o.nix = NixOptions {
-            env: nix_env(),
-            ..Default::default()
-        }
-    })
-    .await;
+    let a = node_with(|o| o.nix = NixOptions { env: nix_env(), ..Default::default() }).await;
     // A store path that does not exist (not valid): clear error naming it.
     let bogus = Path::new("/nix/store/00000000000000000000000000000000-missing");
     let e = a.images.add_closure(bogus, &noop).await.unwrap_err();
     eprintln!("missing path: {e}");
-    assert!(
-        e.to_string()
-            .contains("00000000000000000000000000000000-missing"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("00000000000000000000000000000000-missing"), "{e}");
     // nix-store not found.
-    let none = node_with(|o| {
-        o.nix = NixOptions {
-            bin_dir: Some("/nonexistent".into()),
-            ..Default::default()
-        }
-    })
-    .await;
+    let none = node_with(|o| o.nix = NixOptions { bin_dir: Some("/nonexistent".into()), ..Default::default() }).await;
     let e = none.images.add_closure(bogus, &noop).await.unwrap_err();
     assert!(e.to_string().contains("apt-get install nix-bin"), "{e}");
     a.stop().await;

@@ -14,21 +14,9 @@ use common::*;
 async fn bundle_on(n: &Node, disk_len: usize, seed: u64) -> (blixard_images::ImageRef, BundleSpec) {
     let src = n.dir.path();
     let spec = BundleSpec {
-        kernel: write(
-            src,
-            &format!("kernel{seed}"),
-            &pseudo_random(1 << 20, seed + 1),
-        ),
-        initrd: write(
-            src,
-            &format!("initrd{seed}"),
-            &pseudo_random(300_000, seed + 2),
-        ),
-        disk: Some(write(
-            src,
-            &format!("disk{seed}.img"),
-            &pseudo_random(disk_len, seed + 3),
-        )),
+        kernel: write(src, &format!("kernel{seed}"), &pseudo_random(1 << 20, seed + 1)),
+        initrd: write(src, &format!("initrd{seed}"), &pseudo_random(300_000, seed + 2)),
+        disk: Some(write(src, &format!("disk{seed}.img"), &pseudo_random(disk_len, seed + 3))),
         cmdline: "console=ttyS0 panic=-1".into(),
     };
     let last = AtomicU64::new(0);
@@ -40,37 +28,16 @@ async fn bundle_on(n: &Node, disk_len: usize, seed: u64) -> (blixard_images::Ima
         })
         .await
         .unwrap();
-    assert_eq!(
-        last.load(Ordering::Relaxed),
-        (1 << 20) + 300_000 + disk_len as u64,
-        "add progress reaches the total"
-    );
+    assert_eq!(last.load(Ordering::Relaxed), (1 << 20) + 300_000 + disk_len as u64, "add progress reaches the total");
     (r, spec)
 }
 
 fn assert_bundle_files(m: &Materialised, spec: &BundleSpec) {
-    let Materialised::Bundle {
-        kernel,
-        initrd,
-        disk,
-        cmdline,
-    } = m
-    else {
-        panic!("not a bundle: {m:?}")
-    };
-    assert_eq!(
-        std::fs::read(kernel).unwrap(),
-        std::fs::read(&spec.kernel).unwrap()
-    );
-    assert_eq!(
-        std::fs::read(initrd).unwrap(),
-        std::fs::read(&spec.initrd).unwrap()
-    );
+    let Materialised::Bundle { kernel, initrd, disk, cmdline } = m else { panic!("not a bundle: {m:?}") };
+    assert_eq!(std::fs::read(kernel).unwrap(), std::fs::read(&spec.kernel).unwrap());
+    assert_eq!(std::fs::read(initrd).unwrap(), std::fs::read(&spec.initrd).unwrap());
     let disk = disk.as_ref().unwrap();
-    assert!(
-        std::fs::read(disk).unwrap() == std::fs::read(spec.disk.as_ref().unwrap()).unwrap(),
-        "disk bytes differ"
-    );
+    assert!(std::fs::read(disk).unwrap() == std::fs::read(spec.disk.as_ref().unwrap()).unwrap(), "disk bytes differ");
     assert_eq!(cmdline, &spec.cmdline);
 }
 
@@ -83,41 +50,25 @@ async fn push_on_a_fetch_on_b_then_on_c_from_a_and_b() {
 
     let last = Arc::new(AtomicU64::new(0));
     let l2 = last.clone();
-    let sb = b
-        .images
-        .fetch(img.hash, vec![a.addr()], &move |p: Progress| {
-            l2.store(p.done, Ordering::Relaxed)
-        })
-        .await
-        .unwrap();
+    let sb = b.images.fetch(img.hash, vec![a.addr()], &move |p: Progress| l2.store(p.done, Ordering::Relaxed)).await.unwrap();
     assert!(sb.bytes_transferred >= 8 << 20, "{sb:?}");
     assert!(last.load(Ordering::Relaxed) > 0);
     assert!(b.images.is_complete(img.hash).await);
     let m = b.images.materialise(img.hash, &noop).await.unwrap();
     assert_bundle_files(&m, &spec);
 
-    let sc = c
-        .images
-        .fetch(img.hash, vec![a.addr(), b.addr()], &noop)
-        .await
-        .unwrap();
+    let sc = c.images.fetch(img.hash, vec![a.addr(), b.addr()], &noop).await.unwrap();
     eprintln!("C fetched from A and B: {:?}", sc.providers);
     assert_eq!(sc.providers.len(), 2);
     for p in &sc.providers {
-        assert!(
-            p.parts > 0 && p.bytes > 0,
-            "both providers must serve parts: {:?}",
-            sc.providers
-        );
+        assert!(p.parts > 0 && p.bytes > 0, "both providers must serve parts: {:?}", sc.providers);
         assert!(p.dropped.is_none());
     }
     assert_bundle_files(&c.images.materialise(img.hash, &noop).await.unwrap(), &spec);
     // Idempotent, and listed.
     assert_bundle_files(&c.images.materialise(img.hash, &noop).await.unwrap(), &spec);
     let list = c.images.list().await.unwrap();
-    assert!(list
-        .iter()
-        .any(|i| i.hash == img.hash && i.complete && i.materialised));
+    assert!(list.iter().any(|i| i.hash == img.hash && i.complete && i.materialised));
     for n in [a, b, c] {
         n.stop().await;
     }
@@ -133,22 +84,10 @@ async fn concurrent_fetches_share_one_download() {
         b.images.fetch(img.hash, vec![a.addr()], &noop)
     );
     let (r1, r2) = (r1.unwrap(), r2.unwrap());
-    assert!(
-        r1.joined != r2.joined,
-        "exactly one call joins the other: {} {}",
-        r1.joined,
-        r2.joined
-    );
-    assert_eq!(
-        r1.bytes_transferred, r2.bytes_transferred,
-        "one download, shared result"
-    );
+    assert!(r1.joined != r2.joined, "exactly one call joins the other: {} {}", r1.joined, r2.joined);
+    assert_eq!(r1.bytes_transferred, r2.bytes_transferred, "one download, shared result");
     // A fetch of a complete image transfers nothing.
-    let r3 = b
-        .images
-        .fetch(img.hash, vec![a.addr()], &noop)
-        .await
-        .unwrap();
+    let r3 = b.images.fetch(img.hash, vec![a.addr()], &noop).await.unwrap();
     assert_eq!(r3.bytes_transferred, 0);
     a.stop().await;
     b.stop().await;
@@ -165,10 +104,7 @@ async fn a_failing_provider_share_moves_to_the_others() {
     })
     .await;
     let (img, spec) = bundle_on(&a, 48 << 20, 30).await;
-    d.images
-        .fetch(img.hash, vec![a.addr()], &noop)
-        .await
-        .unwrap();
+    d.images.fetch(img.hash, vec![a.addr()], &noop).await.unwrap();
     // A dead address too: never reachable.
     let dead = {
         let ep = endpoint(vec![]).await;
@@ -190,36 +126,21 @@ async fn a_failing_provider_share_moves_to_the_others() {
     let sent = std::sync::atomic::AtomicBool::new(false);
     let stats = c
         .images
-        .fetch(
-            img.hash,
-            vec![a.addr(), d_addr.clone(), dead.clone()],
-            &|p: Progress| {
-                if p.total > 0 && p.done * 5 > p.total && !sent.swap(true, Ordering::SeqCst) {
-                    let _ = kill_tx.send(());
-                }
-            },
-        )
+        .fetch(img.hash, vec![a.addr(), d_addr.clone(), dead.clone()], &|p: Progress| {
+            if p.total > 0 && p.done * 5 > p.total && !sent.swap(true, Ordering::SeqCst) {
+                let _ = kill_tx.send(());
+            }
+        })
         .await
         .unwrap();
     killer.await.unwrap();
-    assert_eq!(
-        killed.load(Ordering::SeqCst),
-        1,
-        "provider D was killed mid-transfer"
-    );
+    assert_eq!(killed.load(Ordering::SeqCst), 1, "provider D was killed mid-transfer");
     eprintln!("providers after a kill: {:?}", stats.providers);
-    let pa = stats
-        .providers
-        .iter()
-        .find(|p| p.id == a.addr().id)
-        .unwrap();
+    let pa = stats.providers.iter().find(|p| p.id == a.addr().id).unwrap();
     let pdead = stats.providers.iter().find(|p| p.id == dead.id).unwrap();
     assert!(pa.parts > 0);
     assert_eq!(pdead.parts, 0);
-    assert!(
-        pdead.dropped.is_some(),
-        "unreachable provider is dropped: {pdead:?}"
-    );
+    assert!(pdead.dropped.is_some(), "unreachable provider is dropped: {pdead:?}");
     assert_bundle_files(&c.images.materialise(img.hash, &noop).await.unwrap(), &spec);
     a.stop().await;
     c.stop().await;
@@ -231,26 +152,12 @@ async fn a_corrupt_provider_is_dropped_and_parts_refetched() {
     let c = node_with(|o| o.fetch.per_provider = 2).await;
     let (img, spec) = bundle_on(&a, 8 << 20, 40).await;
     let pep = endpoint(vec![blixard_images::ALPN.to_vec()]).await;
-    let proxy = CorruptingProxy {
-        ep: pep.clone(),
-        upstream: a.addr(),
-    };
-    let prouter = iroh::protocol::Router::builder(pep.clone())
-        .accept(blixard_images::ALPN, proxy)
-        .spawn();
-    let stats = c
-        .images
-        .fetch(img.hash, vec![addr(&pep), a.addr()], &noop)
-        .await
-        .unwrap();
+    let proxy = CorruptingProxy { ep: pep.clone(), upstream: a.addr() };
+    let prouter = iroh::protocol::Router::builder(pep.clone()).accept(blixard_images::ALPN, proxy).spawn();
+    let stats = c.images.fetch(img.hash, vec![addr(&pep), a.addr()], &noop).await.unwrap();
     eprintln!("providers with a corrupting one: {:?}", stats.providers);
     let bad = stats.providers.iter().find(|p| p.id == pep.id()).unwrap();
-    assert!(
-        bad.dropped
-            .as_deref()
-            .is_some_and(|d| d.contains("corrupt")),
-        "{bad:?}"
-    );
+    assert!(bad.dropped.as_deref().is_some_and(|d| d.contains("corrupt")), "{bad:?}");
     assert_bundle_files(&c.images.materialise(img.hash, &noop).await.unwrap(), &spec);
     let _ = prouter.shutdown().await;
     a.stop().await;
@@ -293,40 +200,21 @@ async fn second_disk_version_shares_chunks() {
         let a = &a;
         async move {
             let b = a.images.blobs().get_bytes(h).await.unwrap();
-            iroh_blobs::hashseq::HashSeq::new(b)
-                .unwrap()
-                .iter()
-                .collect::<std::collections::HashSet<_>>()
+            iroh_blobs::hashseq::HashSeq::new(b).unwrap().iter().collect::<std::collections::HashSet<_>>()
         }
     };
     let (c1, c2) = (list(d1.chunks).await, list(d2.chunks).await);
     let shared = c1.intersection(&c2).count();
-    eprintln!(
-        "disk v1: {} chunks, v2: {} chunks, shared {shared}",
-        c1.len(),
-        c2.len()
-    );
+    eprintln!("disk v1: {} chunks, v2: {} chunks, shared {shared}", c1.len(), c2.len());
     assert!(shared * 10 >= c2.len() * 9, "at least 90% of chunks shared");
 
-    b.images
-        .fetch(i1.hash, vec![a.addr()], &noop)
-        .await
-        .unwrap();
-    let st = b
-        .images
-        .fetch(i2.hash, vec![a.addr()], &noop)
-        .await
-        .unwrap();
+    b.images.fetch(i1.hash, vec![a.addr()], &noop).await.unwrap();
+    let st = b.images.fetch(i2.hash, vec![a.addr()], &noop).await.unwrap();
     let pct = st.bytes_transferred as f64 * 100.0 / len as f64;
-    eprintln!(
-        "second version: transferred {} bytes = {pct:.2}% of the disk",
-        st.bytes_transferred
-    );
+    eprintln!("second version: transferred {} bytes = {pct:.2}% of the disk", st.bytes_transferred);
     assert!(pct <= 3.0, "transferred {pct:.2}% > 3%");
     let m = b.images.materialise(i2.hash, &noop).await.unwrap();
-    let Materialised::Bundle { disk, .. } = m else {
-        panic!()
-    };
+    let Materialised::Bundle { disk, .. } = m else { panic!() };
     assert!(std::fs::read(disk.unwrap()).unwrap() == v2);
 
     // gc keeps v2 only: v2's chunks stay, v1's own chunks go.
@@ -356,63 +244,29 @@ async fn bad_input_is_refused_with_clear_errors() {
     .await;
     // Not a store path.
     let e = a.images.add_closure(a.dir.path(), &noop).await.unwrap_err();
-    assert!(
-        matches!(
-            e,
-            blixard_images::AddError::NotAStorePath(_) | blixard_images::AddError::NixNotFound
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, blixard_images::AddError::NotAStorePath(_) | blixard_images::AddError::NixNotFound), "{e}");
     // Missing file.
-    let spec = BundleSpec {
-        kernel: a.dir.path().join("nope"),
-        initrd: a.dir.path().join("nope"),
-        disk: None,
-        cmdline: String::new(),
-    };
+    let spec = BundleSpec { kernel: a.dir.path().join("nope"), initrd: a.dir.path().join("nope"), disk: None, cmdline: String::new() };
     let e = a.images.add_bundle(&spec, &noop).await.unwrap_err();
     assert!(e.to_string().contains("nope"), "{e}");
     // No providers / unknown image.
     let unknown = blixard_images::Hash::new(b"no such image");
-    assert!(matches!(
-        b.images.fetch(unknown, vec![], &noop).await,
-        Err(FetchError::NoProviders(_))
-    ));
-    let e = b
-        .images
-        .fetch(unknown, vec![a.addr()], &noop)
-        .await
-        .unwrap_err();
+    assert!(matches!(b.images.fetch(unknown, vec![], &noop).await, Err(FetchError::NoProviders(_))));
+    let e = b.images.fetch(unknown, vec![a.addr()], &noop).await.unwrap_err();
     assert!(matches!(e, FetchError::Unavailable { .. }), "{e}");
     eprintln!("unknown image: {e}");
     // Not an image: a plain blob, and a hash sequence whose manifest is garbage.
     let plain = a.images.blobs().add_slice(b"hello").await.unwrap();
-    let e = b
-        .images
-        .fetch(plain.hash, vec![a.addr()], &noop)
-        .await
-        .unwrap_err();
+    let e = b.images.fetch(plain.hash, vec![a.addr()], &noop).await.unwrap_err();
     assert!(matches!(e, FetchError::BadImage { .. }), "{e}");
-    let garbage = a
-        .images
-        .blobs()
-        .add_slice(b"\x00\x07garbage")
-        .await
-        .unwrap();
+    let garbage = a.images.blobs().add_slice(b"\x00\x07garbage").await.unwrap();
     let root: iroh_blobs::hashseq::HashSeq = [garbage.hash].into_iter().collect();
     let root = a.images.blobs().add_bytes(bytes_of(root)).await.unwrap();
-    let e = b
-        .images
-        .fetch(root.hash, vec![a.addr()], &noop)
-        .await
-        .unwrap_err();
+    let e = b.images.fetch(root.hash, vec![a.addr()], &noop).await.unwrap_err();
     assert!(matches!(e, FetchError::Manifest { .. }), "{e}");
     eprintln!("tampered: {e}");
     // Materialising something not fetched.
-    assert!(matches!(
-        b.images.materialise(unknown, &noop).await,
-        Err(blixard_images::MaterialiseError::NotFetched(_))
-    ));
+    assert!(matches!(b.images.materialise(unknown, &noop).await, Err(blixard_images::MaterialiseError::NotFetched(_))));
     a.stop().await;
     b.stop().await;
 }
@@ -428,10 +282,7 @@ async fn a_damaged_stored_part_is_caught_when_materialising() {
     let a = node().await;
     let b = node().await;
     let (img, _spec) = bundle_on(&a, 4 << 20, 40).await;
-    b.images
-        .fetch(img.hash, vec![a.addr()], &noop)
-        .await
-        .unwrap();
+    b.images.fetch(img.hash, vec![a.addr()], &noop).await.unwrap();
     // Overwrite the start of one chunk's data file in place (same inode the store reads).
     let data = b.dir.path().join("images/blobs/data");
     let victim = std::fs::read_dir(&data)
@@ -443,18 +294,10 @@ async fn a_damaged_stored_part_is_caught_when_materialising() {
         .unwrap();
     {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&victim)
-            .unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).open(&victim).unwrap();
         f.write_all(&[0xAA; 64]).unwrap();
     }
-    let err = b
-        .images
-        .materialise(img.hash, &noop)
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = b.images.materialise(img.hash, &noop).await.unwrap_err().to_string();
     assert!(err.contains("does not match its hash"), "{err}");
     a.stop().await;
     b.stop().await;

@@ -31,10 +31,7 @@ impl<H> Gate<H> {
 
 impl<H: fmt::Debug> fmt::Debug for Gate<H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Gate")
-            .field("name", &self.name)
-            .field("inner", &self.inner)
-            .finish()
+        f.debug_struct("Gate").field("name", &self.name).field("inner", &self.inner).finish()
     }
 }
 
@@ -44,13 +41,9 @@ impl<H: ProtocolHandler> ProtocolHandler for Gate<H> {
         if !(self.allow)(&key) {
             warn!(protocol = self.name, peer = %key.short(), "refused connection from unauthorised key");
             crate::rpc::counters::REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            conn.close(
-                VarInt::from_u32(CLOSE_UNAUTHORIZED),
-                b"key not authorised by this cluster",
-            );
+            conn.close(VarInt::from_u32(CLOSE_UNAUTHORIZED), b"key not authorised by this cluster");
             // Give the close frame a moment to leave before the connection is dropped.
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_millis(200), conn.closed()).await;
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(200), conn.closed()).await;
             return Ok(());
         }
         crate::rpc::counters::ACCEPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

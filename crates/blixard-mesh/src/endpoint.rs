@@ -26,10 +26,7 @@ pub enum BindError {
     #[error("invalid listen address {0}")]
     Address(SocketAddr),
     #[error("cannot bind {addr}: {source} (is another node using this port?)")]
-    Bind {
-        addr: SocketAddr,
-        source: iroh::endpoint::BindError,
-    },
+    Bind { addr: SocketAddr, source: iroh::endpoint::BindError },
 }
 
 /// Binds an endpoint with no public infrastructure: no DNS discovery, no port mapping,
@@ -50,26 +47,14 @@ pub async fn bind(opts: EndpointOptions) -> Result<Endpoint, BindError> {
         .clear_ip_transports()
         .bind_addr(opts.listen)
         .map_err(|_| BindError::Address(opts.listen))?;
-    builder.bind().await.map_err(|source| BindError::Bind {
-        addr: opts.listen,
-        source,
-    })
+    builder.bind().await.map_err(|source| BindError::Bind { addr: opts.listen, source })
 }
 
 /// The addresses peers can dial this endpoint on (unspecified binds are skipped).
 pub fn dialable_addrs(ep: &Endpoint) -> Vec<SocketAddr> {
-    let mut v: Vec<SocketAddr> = ep
-        .bound_sockets()
-        .into_iter()
-        .filter(|a| !a.ip().is_unspecified())
-        .collect();
+    let mut v: Vec<SocketAddr> = ep.bound_sockets().into_iter().filter(|a| !a.ip().is_unspecified()).collect();
     if v.is_empty() {
-        v = ep
-            .addr()
-            .ip_addrs()
-            .copied()
-            .filter(|a| !a.ip().is_unspecified())
-            .collect();
+        v = ep.addr().ip_addrs().copied().filter(|a| !a.ip().is_unspecified()).collect();
     }
     v.sort();
     v.dedup();

@@ -12,15 +12,9 @@ use iroh::SecretKey;
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("cannot read key file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("cannot create key file {path}: {source}")]
-    Create {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Create { path: PathBuf, source: std::io::Error },
     #[error("key file {path} is corrupt (expected 32 bytes, found {len}); restore it from a backup or remove it to become a new identity")]
     Corrupt { path: PathBuf, len: usize },
     #[error("key file {path} is readable by others (mode {mode:o}); run `chmod 600 {path}`")]
@@ -31,53 +25,31 @@ pub enum IdentityError {
 pub fn load_or_create(path: &Path) -> Result<SecretKey, IdentityError> {
     match fs::read(path) {
         Ok(bytes) => {
-            let meta = fs::metadata(path).map_err(|source| IdentityError::Read {
-                path: path.into(),
-                source,
-            })?;
+            let meta = fs::metadata(path).map_err(|source| IdentityError::Read { path: path.into(), source })?;
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
-                return Err(IdentityError::Permissions {
-                    path: path.into(),
-                    mode,
-                });
+                return Err(IdentityError::Permissions { path: path.into(), mode });
             }
-            let arr: [u8; 32] =
-                bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| IdentityError::Corrupt {
-                        path: path.into(),
-                        len: bytes.len(),
-                    })?;
+            let arr: [u8; 32] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| IdentityError::Corrupt { path: path.into(), len: bytes.len() })?;
             Ok(SecretKey::from_bytes(&arr))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path),
-        Err(source) => Err(IdentityError::Read {
-            path: path.into(),
-            source,
-        }),
+        Err(source) => Err(IdentityError::Read { path: path.into(), source }),
     }
 }
 
 fn create(path: &Path) -> Result<SecretKey, IdentityError> {
-    let err = |source| IdentityError::Create {
-        path: path.into(),
-        source,
-    };
+    let err = |source| IdentityError::Create { path: path.into(), source };
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(err)?;
     }
     let key = SecretKey::generate();
     // Write to a temporary file and rename, so a crash never leaves a half-written key.
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
     f.write_all(&key.to_bytes()).map_err(err)?;
     f.sync_all().map_err(err)?;
     fs::rename(&tmp, path).map_err(err)?;
@@ -105,15 +77,9 @@ mod tests {
         let path = dir.path().join("node.key");
         fs::write(&path, b"short").expect("write");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
-        assert!(matches!(
-            load_or_create(&path),
-            Err(IdentityError::Corrupt { len: 5, .. })
-        ));
+        assert!(matches!(load_or_create(&path), Err(IdentityError::Corrupt { len: 5, .. })));
         fs::write(&path, [1u8; 32]).expect("write");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
-        assert!(matches!(
-            load_or_create(&path),
-            Err(IdentityError::Permissions { .. })
-        ));
+        assert!(matches!(load_or_create(&path), Err(IdentityError::Permissions { .. })));
     }
 }

@@ -81,15 +81,9 @@ impl StreamError {
             StreamError::Connection(ConnectionError::ApplicationClosed(close))
                 if close.error_code == VarInt::from_u32(CLOSE_UNAUTHORIZED) =>
             {
-                RpcError::Refused {
-                    peer,
-                    reason: String::from_utf8_lossy(&close.reason).into_owned(),
-                }
+                RpcError::Refused { peer, reason: String::from_utf8_lossy(&close.reason).into_owned() }
             }
-            StreamError::Connection(e) => RpcError::Lost {
-                peer,
-                reason: e.to_string(),
-            },
+            StreamError::Connection(e) => RpcError::Lost { peer, reason: e.to_string() },
             StreamError::Stream(reason) => RpcError::Lost { peer, reason },
             StreamError::Frame(source) => RpcError::Frame { peer, source },
         }
@@ -98,9 +92,7 @@ impl StreamError {
 
 fn read_err(e: ReadExactError) -> StreamError {
     match e {
-        ReadExactError::ReadError(iroh::endpoint::ReadError::ConnectionLost(c)) => {
-            StreamError::Connection(c)
-        }
+        ReadExactError::ReadError(iroh::endpoint::ReadError::ConnectionLost(c)) => StreamError::Connection(c),
         other => StreamError::Stream(other.to_string()),
     }
 }
@@ -138,8 +130,7 @@ pub async fn call_on<Req: Serialize, Resp: DeserializeOwned>(
 ) -> Result<Resp, StreamError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     write_frame(&mut send, req).await?;
-    send.finish()
-        .map_err(|e| StreamError::Stream(e.to_string()))?;
+    send.finish().map_err(|e| StreamError::Stream(e.to_string()))?;
     read_frame(&mut recv).await
 }
 
@@ -205,12 +196,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Pool {
     pub fn new(endpoint: Endpoint, alpn: &'static [u8]) -> Self {
-        Self {
-            endpoint,
-            alpn,
-            conns: Default::default(),
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-        }
+        Self { endpoint, alpn, conns: Default::default(), connect_timeout: DEFAULT_CONNECT_TIMEOUT }
     }
 
     /// Sets how long one dial may take (relayed paths need longer than direct ones).
@@ -225,18 +211,12 @@ impl Pool {
 
     fn cached(&self, peer: &NodeId) -> Option<Connection> {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns
-            .get(peer)
-            .filter(|c| c.close_reason().is_none())
-            .cloned()
+        conns.get(peer).filter(|c| c.close_reason().is_none()).cloned()
     }
 
     fn forget(&self, peer: &NodeId, conn: &Connection) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if conns
-            .get(peer)
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
-        {
+        if conns.get(peer).is_some_and(|c| c.stable_id() == conn.stable_id()) {
             conns.remove(peer);
         }
     }
@@ -258,19 +238,12 @@ impl Pool {
             return Err(RpcError::NoAddress(*peer));
         }
         counters::add(&counters::DIALS, 1);
-        let conn =
-            tokio::time::timeout(self.connect_timeout, self.endpoint.connect(addr, self.alpn))
-                .await
-                .inspect_err(|_| counters::add(&counters::DIAL_FAILURES, 1))
-                .map_err(|_| RpcError::Connect {
-                    peer: *peer,
-                    reason: format!("no answer within {:?}", self.connect_timeout),
-                })?
-                .inspect_err(|_| counters::add(&counters::DIAL_FAILURES, 1))
-                .map_err(|e| RpcError::Connect {
-                    peer: *peer,
-                    reason: e.to_string(),
-                })?;
+        let conn = tokio::time::timeout(self.connect_timeout, self.endpoint.connect(addr, self.alpn))
+            .await
+            .inspect_err(|_| counters::add(&counters::DIAL_FAILURES, 1))
+            .map_err(|_| RpcError::Connect { peer: *peer, reason: format!("no answer within {:?}", self.connect_timeout) })?
+            .inspect_err(|_| counters::add(&counters::DIAL_FAILURES, 1))
+            .map_err(|e| RpcError::Connect { peer: *peer, reason: e.to_string() })?;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         // Another task may have dialled meanwhile: keep the first live one.
         let conn = match conns.get(peer) {
@@ -320,13 +293,9 @@ impl Pool {
         };
         match tokio::time::timeout(timeout, race).await {
             Ok(Ok(hit)) => Ok(hit),
-            Ok(Err(())) if peers.is_empty() => Err(RpcError::NoneReachable(vec![
-                "the ticket lists no members".into(),
-            ])),
+            Ok(Err(())) if peers.is_empty() => Err(RpcError::NoneReachable(vec!["the ticket lists no members".into()])),
             Ok(Err(())) => Err(RpcError::NoneReachable(errors)),
-            Err(_) => Err(RpcError::NoneReachable(vec![format!(
-                "no member answered within {timeout:?}"
-            )])),
+            Err(_) => Err(RpcError::NoneReachable(vec![format!("no member answered within {timeout:?}")])),
         }
     }
 
@@ -344,10 +313,7 @@ impl Pool {
                 self.forget(&peer, conn);
                 Err(e.attribute(peer))
             }
-            Err(_) => Err(RpcError::Timeout {
-                peer,
-                after: timeout,
-            }),
+            Err(_) => Err(RpcError::Timeout { peer, after: timeout }),
         }
     }
 
@@ -387,10 +353,7 @@ impl Pool {
                 if timeout >= STALE_AFTER {
                     self.disconnect(peer);
                 }
-                Err(RpcError::Timeout {
-                    peer: *peer,
-                    after: timeout,
-                })
+                Err(RpcError::Timeout { peer: *peer, after: timeout })
             }
         }
     }

@@ -53,16 +53,9 @@ pub fn verify(bytes: &[u8]) -> Result<(NodeId, Vec<u8>), VerifyError> {
     }
     let env: Envelope = postcard::from_bytes(bytes).map_err(|_| VerifyError::Malformed)?;
     let key = PublicKey::from_bytes(&env.from.0).map_err(|_| VerifyError::BadKey)?;
-    let sig: [u8; 64] = env
-        .sig
-        .as_slice()
-        .try_into()
-        .map_err(|_| VerifyError::Malformed)?;
-    key.verify(
-        &signed_bytes(&env.from, &env.body),
-        &Signature::from_bytes(&sig),
-    )
-    .map_err(|_| VerifyError::BadSignature)?;
+    let sig: [u8; 64] = env.sig.as_slice().try_into().map_err(|_| VerifyError::Malformed)?;
+    key.verify(&signed_bytes(&env.from, &env.body), &Signature::from_bytes(&sig))
+        .map_err(|_| VerifyError::BadSignature)?;
     Ok((env.from, env.body))
 }
 
@@ -89,10 +82,7 @@ mod tests {
         let forged = postcard::to_stdvec(&Envelope {
             from,
             body: b"evil".to_vec(),
-            sig: other
-                .sign(&signed_bytes(&from, b"evil"))
-                .to_bytes()
-                .to_vec(),
+            sig: other.sign(&signed_bytes(&from, b"evil")).to_bytes().to_vec(),
         })
         .expect("encode");
         assert_eq!(verify(&forged), Err(VerifyError::BadSignature));

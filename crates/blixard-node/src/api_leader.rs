@@ -10,33 +10,17 @@ use crate::api_local::{gc_everywhere, image_info, resolve_image};
 use crate::client_api::{linearizable, resolve, write};
 use crate::node::{refused, NodeCtx};
 
-pub(crate) async fn handle(
-    ctx: &NodeCtx,
-    caller: NodeId,
-    req: ClientRequest,
-) -> Result<ClientResponse, ApiError> {
+pub(crate) async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<ClientResponse, ApiError> {
     match req {
         ClientRequest::ImageList => {
             linearizable(ctx).await?;
-            let hashes: Vec<String> = ctx
-                .state
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .state
-                .images
-                .keys()
-                .cloned()
-                .collect();
-            Ok(ClientResponse::Images(
-                hashes.iter().filter_map(|h| image_info(ctx, h)).collect(),
-            ))
+            let hashes: Vec<String> = ctx.state.read().unwrap_or_else(|p| p.into_inner()).state.images.keys().cloned().collect();
+            Ok(ClientResponse::Images(hashes.iter().filter_map(|h| image_info(ctx, h)).collect()))
         }
         ClientRequest::ImageInfo { reference } => {
             linearizable(ctx).await?;
             let hash = resolve_image(ctx, &reference)?;
-            image_info(ctx, &hash)
-                .map(ClientResponse::Image)
-                .ok_or_else(|| refused(Refusal::UnknownImage(reference)))
+            image_info(ctx, &hash).map(ClientResponse::Image).ok_or_else(|| refused(Refusal::UnknownImage(reference)))
         }
         ClientRequest::ImageRemove { reference } => {
             let hash = resolve_image(ctx, &reference)?;
@@ -47,39 +31,27 @@ pub(crate) async fn handle(
             }
         }
         ClientRequest::VmCreate { spec, start } => {
-            spec.validate()
-                .map_err(|e| ApiError::Invalid(e.to_string()))?;
-            if matches!(
-                spec.health,
-                Some(HealthCheck::Tcp(_) | HealthCheck::Http { .. })
-            ) {
+            spec.validate().map_err(|e| ApiError::Invalid(e.to_string()))?;
+            if matches!(spec.health, Some(HealthCheck::Tcp(_) | HealthCheck::Http { .. })) {
                 return Err(ApiError::Invalid(
                     "tcp: and http: health checks need VM networking, which Blixard nodes do not set up yet; use console:TEXT".into(),
                 ));
             }
             write(ctx, caller, Command::CreateVm { spec, start }).await
         }
-        ClientRequest::VmSetDesired { name, desired } => {
-            write(ctx, caller, Command::SetDesired { name, desired }).await
-        }
+        ClientRequest::VmSetDesired { name, desired } => write(ctx, caller, Command::SetDesired { name, desired }).await,
         ClientRequest::VmReboot { name } => write(ctx, caller, Command::RebootVm { name }).await,
         ClientRequest::VmDelete { name } => write(ctx, caller, Command::DeleteVm { name }).await,
         ClientRequest::VmInfo { name } => {
             linearizable(ctx).await?;
             let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
-            let v = st
-                .state
-                .vms
-                .get(&name)
-                .ok_or_else(|| refused(Refusal::UnknownVm(name.clone())))?;
+            let v = st.state.vms.get(&name).ok_or_else(|| refused(Refusal::UnknownVm(name.clone())))?;
             Ok(ClientResponse::Vm(vm_info(&name, v)))
         }
         ClientRequest::VmList => {
             linearizable(ctx).await?;
             let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
-            Ok(ClientResponse::Vms(
-                st.state.vms.iter().map(|(n, v)| vm_info(n, v)).collect(),
-            ))
+            Ok(ClientResponse::Vms(st.state.vms.iter().map(|(n, v)| vm_info(n, v)).collect()))
         }
         ClientRequest::NodeDrain { node, drain } => {
             let node = resolve(ctx, &node)?;
@@ -95,11 +67,7 @@ fn vm_info(name: &str, v: &blixard_state::VmRecord) -> VmInfo {
         image: v.image_ref.clone(),
         image_hash: v.spec.image.clone(),
         state: v.state.to_string(),
-        desired: if v.deleting {
-            "deleted".to_string()
-        } else {
-            v.desired.to_string()
-        },
+        desired: if v.deleting { "deleted".to_string() } else { v.desired.to_string() },
         node: v.node,
         vcpus: v.spec.vcpus,
         memory_mib: v.spec.memory_mib,

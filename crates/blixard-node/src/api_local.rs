@@ -6,9 +6,7 @@ use std::time::Instant;
 
 use blixard_types::command::Refusal;
 use blixard_types::image::validate_image_name;
-use blixard_types::rpc::{
-    ApiError, ClientRequest, ClientResponse, GcReport, ImageInfo, LogChunk, PullReport,
-};
+use blixard_types::rpc::{ApiError, ClientRequest, ClientResponse, GcReport, ImageInfo, LogChunk, PullReport};
 use blixard_types::{Command, CommandResult, NodeId};
 use tracing::info;
 
@@ -18,31 +16,17 @@ use crate::node::{refused, NodeCtx};
 /// Largest console chunk one request returns.
 const MAX_LOG_CHUNK: u32 = 256 * 1024;
 
-pub(crate) async fn handle(
-    ctx: &NodeCtx,
-    caller: NodeId,
-    req: ClientRequest,
-) -> Result<ClientResponse, ApiError> {
+pub(crate) async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<ClientResponse, ApiError> {
     match req {
         ClientRequest::NodeStatus { .. } => Ok(ClientResponse::Node(node_status(ctx))),
         ClientRequest::ImagePull { reference, .. } => {
             let hash = resolve_image(ctx, &reference)?;
             Ok(ClientResponse::Pulled(pull(ctx, &hash).await?))
         }
-        ClientRequest::ImageGc { node: Some(_) } => {
-            Ok(ClientResponse::Gc(vec![gc_here(ctx).await]))
-        }
+        ClientRequest::ImageGc { node: Some(_) } => Ok(ClientResponse::Gc(vec![gc_here(ctx).await])),
         ClientRequest::ImageGc { node: None } => Ok(ClientResponse::Gc(gc_everywhere(ctx).await)),
-        ClientRequest::ImagePush {
-            hash,
-            name,
-            provider,
-        } => push(ctx, caller, hash, name, provider).await,
-        ClientRequest::VmLogs {
-            name,
-            offset,
-            max_bytes,
-        } => {
+        ClientRequest::ImagePush { hash, name, provider } => push(ctx, caller, hash, name, provider).await,
+        ClientRequest::VmLogs { name, offset, max_bytes } => {
             let backend = ctx.backends.find(&name).await.ok_or_else(|| {
                 ApiError::Invalid(format!("VM {name:?} has not been created on its node yet (see `blixard vm info {name}`)"))
             })?;
@@ -50,12 +34,7 @@ pub(crate) async fn handle(
                 .console_log(&name, offset, max_bytes.min(MAX_LOG_CHUNK) as usize)
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
-            Ok(ClientResponse::Logs(LogChunk {
-                node: ctx.id,
-                data: c.data,
-                next: c.next,
-                skipped: c.skipped,
-            }))
+            Ok(ClientResponse::Logs(LogChunk { node: ctx.id, data: c.data, next: c.next, skipped: c.skipped }))
         }
         _ => Err(ApiError::Invalid("not a node-local request".into())),
     }
@@ -73,12 +52,8 @@ async fn pull(ctx: &NodeCtx, hash: &str) -> Result<PullReport, ApiError> {
     let r = ctx.images.fetch(hash, providers).await;
     ctx.metrics.observe_fetch(&r);
     let stats = r.map_err(|e| ApiError::Refused(e.to_string()))?;
-    ctx.images
-        .materialise(hash)
-        .await
-        .map_err(|e| ApiError::Refused(e.to_string()))?;
-    let image =
-        image_info(ctx, hash).ok_or_else(|| refused(Refusal::UnknownImage(hash.to_string())))?;
+    ctx.images.materialise(hash).await.map_err(|e| ApiError::Refused(e.to_string()))?;
+    let image = image_info(ctx, hash).ok_or_else(|| refused(Refusal::UnknownImage(hash.to_string())))?;
     Ok(PullReport {
         node: ctx.id,
         image,
@@ -105,9 +80,7 @@ async fn push(
     provider: blixard_types::ticket::PeerAddr,
 ) -> Result<ClientResponse, ApiError> {
     if provider.id != caller {
-        return Err(ApiError::Invalid(
-            "a push must be served by the pushing client itself".into(),
-        ));
+        return Err(ApiError::Invalid("a push must be served by the pushing client itself".into()));
     }
     if let Some(n) = &name {
         validate_image_name(n).map_err(ApiError::Invalid)?;
@@ -118,44 +91,19 @@ async fn push(
     let r = ctx.images.fetch(&hash, vec![addr]).await;
     ctx.metrics.observe_fetch(&r);
     let stats = r.map_err(|e| ApiError::Refused(e.to_string()))?;
-    let (kind, size) = ctx
-        .images
-        .describe(&hash)
-        .await
-        .map_err(|e| ApiError::Refused(e.to_string()))?;
+    let (kind, size) = ctx.images.describe(&hash).await.map_err(|e| ApiError::Refused(e.to_string()))?;
     info!(image = %&hash[..12], bytes = stats.bytes_transferred, %kind, "image received");
-    match ctx
-        .propose(
-            caller,
-            Command::PublishImage {
-                hash: hash.clone(),
-                size,
-                kind,
-                name,
-            },
-        )
-        .await?
-    {
+    match ctx.propose(caller, Command::PublishImage { hash: hash.clone(), size, kind, name }).await? {
         CommandResult::Ok => {}
         CommandResult::Refused(r) => return Err(refused(r)),
     }
-    let image = image_info(ctx, &hash).ok_or_else(|| {
-        ApiError::Internal("the image was recorded but is not visible here yet".into())
-    })?;
+    let image = image_info(ctx, &hash).ok_or_else(|| ApiError::Internal("the image was recorded but is not visible here yet".into()))?;
     Ok(ClientResponse::Image(image))
 }
 
 /// Drops the local images the catalogue no longer lists.
 async fn gc_here(ctx: &NodeCtx) -> GcReport {
-    let catalogue = ctx
-        .state
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .state
-        .images
-        .keys()
-        .cloned()
-        .collect();
+    let catalogue = ctx.state.read().unwrap_or_else(|p| p.into_inner()).state.images.keys().cloned().collect();
     match ctx.images.gc(&catalogue).await {
         Ok(s) => GcReport {
             node: ctx.id,
@@ -164,45 +112,20 @@ async fn gc_here(ctx: &NodeCtx) -> GcReport {
             blobs_after: s.blobs_after as u64,
             error: None,
         },
-        Err(e) => GcReport {
-            node: ctx.id,
-            images_removed: 0,
-            blobs_before: 0,
-            blobs_after: 0,
-            error: Some(e.to_string()),
-        },
+        Err(e) => GcReport { node: ctx.id, images_removed: 0, blobs_before: 0, blobs_after: 0, error: Some(e.to_string()) },
     }
 }
 
 /// Runs gc on every member (in parallel); a member that cannot be reached gets an error
 /// entry.
 pub(crate) async fn gc_everywhere(ctx: &NodeCtx) -> Vec<GcReport> {
-    let members: Vec<NodeId> = ctx
-        .state
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .state
-        .nodes
-        .keys()
-        .copied()
-        .collect();
+    let members: Vec<NodeId> = ctx.state.read().unwrap_or_else(|p| p.into_inner()).state.nodes.keys().copied().collect();
     let calls = members.into_iter().map(|id| async move {
         if id == ctx.id {
             return gc_here(ctx).await;
         }
-        let req = ClientRequest::Forwarded {
-            origin: ctx.id,
-            request: Box::new(ClientRequest::ImageGc {
-                node: Some(id.to_string()),
-            }),
-        };
-        let failed = |e: String| GcReport {
-            node: id,
-            images_removed: 0,
-            blobs_before: 0,
-            blobs_after: 0,
-            error: Some(e),
-        };
+        let req = ClientRequest::Forwarded { origin: ctx.id, request: Box::new(ClientRequest::ImageGc { node: Some(id.to_string()) }) };
+        let failed = |e: String| GcReport { node: id, images_removed: 0, blobs_before: 0, blobs_after: 0, error: Some(e) };
         match ctx.forward(id, req).await {
             Ok(ClientResponse::Gc(mut v)) if v.len() == 1 => v.remove(0),
             Ok(ClientResponse::Error(e)) => failed(e.to_string()),
@@ -226,10 +149,7 @@ pub(crate) fn image_info(ctx: &NodeCtx, hash: &str) -> Option<ImageInfo> {
             if **id == ctx.id {
                 ctx.images.holds(hash)
             } else {
-                ctx.is_alive_locked(&det, id)
-                    && det
-                        .report(id)
-                        .is_some_and(|r| r.images.iter().any(|i| i == hash))
+                ctx.is_alive_locked(&det, id) && det.report(id).is_some_and(|r| r.images.iter().any(|i| i == hash))
             }
         })
         .copied()

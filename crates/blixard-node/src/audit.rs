@@ -28,9 +28,7 @@ pub struct AuditRecord {
 
 /// The index of the last record in an existing log (0 if none or unreadable).
 fn last_index(path: &Path) -> u64 {
-    let Ok(f) = std::fs::File::open(path) else {
-        return 0;
-    };
+    let Ok(f) = std::fs::File::open(path) else { return 0 };
     std::io::BufReader::new(f)
         .lines()
         .map_while(Result::ok)
@@ -43,11 +41,7 @@ fn last_index(path: &Path) -> u64 {
 /// Appends records from `rx` to `path` until the sender is gone.
 pub async fn run(path: PathBuf, mut rx: UnboundedReceiver<AppliedEntry>) {
     let mut last = last_index(&path);
-    let mut file = match std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-    {
+    let mut file = match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
         Ok(f) => f,
         Err(e) => {
             warn!(path = %path.display(), error = %e, "cannot open the audit log; auditing is off");

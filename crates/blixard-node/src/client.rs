@@ -59,11 +59,7 @@ impl Client {
         })
         .await?;
         let api = Pool::new(endpoint.clone(), alpn::CLIENT);
-        Ok(Self {
-            endpoint,
-            ticket,
-            api,
-        })
+        Ok(Self { endpoint, ticket, api })
     }
 
     /// Sends `req` to the first member that answers; authorises this key with the ticket
@@ -73,11 +69,7 @@ impl Client {
     }
 
     /// [`Self::request`] for requests that take long (a push waits for the whole upload).
-    pub async fn request_timeout(
-        &self,
-        req: &ClientRequest,
-        timeout: Duration,
-    ) -> Result<ClientResponse, ClientError> {
+    pub async fn request_timeout(&self, req: &ClientRequest, timeout: Duration) -> Result<ClientResponse, ClientError> {
         // "No leader" means the request was not carried out (an election is under way):
         // ask again for a few seconds before giving up.
         let deadline = tokio::time::Instant::now() + NO_LEADER_RETRY;
@@ -90,9 +82,7 @@ impl Client {
                 other => other,
             };
             match r {
-                Err(ClientError::Api(ApiError::NoLeader))
-                    if tokio::time::Instant::now() < deadline =>
-                {
+                Err(ClientError::Api(ApiError::NoLeader)) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 other => return other,
@@ -107,29 +97,18 @@ impl Client {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, ClientError> {
-        let peers: Vec<_> = self
-            .ticket
-            .peers
-            .iter()
-            .map(|p| (p.id, p.addrs.clone()))
-            .collect();
+        let peers: Vec<_> = self.ticket.peers.iter().map(|p| (p.id, p.addrs.clone())).collect();
         let (peer, conn) = pool
             .connect_any(&peers, CONNECT_STAGGER, CONNECT_TIMEOUT)
             .await
             .map_err(|e| ClientError::Unreachable(e.to_string()))?;
-        pool.call_conn(peer, &conn, req, timeout)
-            .await
-            .map_err(|e| match e {
-                RpcError::Refused { reason, .. } => ClientError::Refused(reason),
-                other => ClientError::Unreachable(other.to_string()),
-            })
+        pool.call_conn(peer, &conn, req, timeout).await.map_err(|e| match e {
+            RpcError::Refused { reason, .. } => ClientError::Refused(reason),
+            other => ClientError::Unreachable(other.to_string()),
+        })
     }
 
-    async fn try_peers(
-        &self,
-        req: &ClientRequest,
-        timeout: Duration,
-    ) -> Result<ClientResponse, ClientError> {
+    async fn try_peers(&self, req: &ClientRequest, timeout: Duration) -> Result<ClientResponse, ClientError> {
         match self.send(&self.api, req, timeout).await? {
             ClientResponse::Error(e) => Err(e.into()),
             r => Ok(r),
@@ -138,9 +117,7 @@ impl Client {
 
     async fn authorize(&self) -> Result<(), ClientError> {
         let pool = Pool::new(self.endpoint.clone(), alpn::JOIN);
-        let req = JoinRequest::Client {
-            ticket: self.ticket.clone(),
-        };
+        let req = JoinRequest::Client { ticket: self.ticket.clone() };
         match self.send(&pool, &req, REQUEST_TIMEOUT).await? {
             JoinResponse::Authorized { .. } => Ok(()),
             JoinResponse::Refused(reason) => Err(ClientError::Refused(reason)),

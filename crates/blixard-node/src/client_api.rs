@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use blixard_mesh::rpc;
 use blixard_types::command::Refusal;
-use blixard_types::rpc::{
-    ApiError, ClientRequest, ClientResponse, ClusterStatus, MemberStatus, NodeStatus,
-};
+use blixard_types::rpc::{ApiError, ClientRequest, ClientResponse, ClusterStatus, MemberStatus, NodeStatus};
 use blixard_types::ticket::PeerAddr;
 use blixard_types::{Command, CommandResult, NodeId, Role, Ticket};
 use iroh::endpoint::Connection;
@@ -45,12 +43,7 @@ impl ProtocolHandler for ClientService {
         rpc::serve(conn, move |req: ClientRequest| {
             let ctx = ctx.clone();
             let span = info_span!("request", caller = %caller.short(), kind = kind(&req));
-            async move {
-                handle(&ctx, caller, req)
-                    .await
-                    .unwrap_or_else(ClientResponse::Error)
-            }
-            .instrument(span)
+            async move { handle(&ctx, caller, req).await.unwrap_or_else(ClientResponse::Error) }.instrument(span)
         })
         .await;
         Ok(())
@@ -84,17 +77,8 @@ fn kind(req: &ClientRequest) -> &'static str {
     }
 }
 
-async fn handle(
-    ctx: &NodeCtx,
-    caller: NodeId,
-    req: ClientRequest,
-) -> Result<ClientResponse, ApiError> {
-    let is_member = ctx
-        .state
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .state
-        .is_member(&caller);
+async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<ClientResponse, ApiError> {
+    let is_member = ctx.state.read().unwrap_or_else(|p| p.into_inner()).state.is_member(&caller);
     // Requests that only members may send.
     let (caller, req) = match req {
         ClientRequest::Propose(r) if is_member => {
@@ -108,30 +92,17 @@ async fn handle(
         }
         ClientRequest::Forwarded { origin, request } if is_member => (origin, *request),
         ClientRequest::Propose(_) | ClientRequest::Forwarded { .. } => {
-            return Err(ApiError::Refused(
-                "only members may forward requests".into(),
-            ))
+            return Err(ApiError::Refused("only members may forward requests".into()))
         }
         other => (caller, other),
     };
-    if matches!(
-        req,
-        ClientRequest::Propose(_) | ClientRequest::Forwarded { .. }
-    ) {
+    if matches!(req, ClientRequest::Propose(_) | ClientRequest::Forwarded { .. }) {
         return Err(ApiError::Invalid("nested forwarding".into()));
     }
     // Requests one particular node answers (not the leader).
     if let Some(target) = answered_by(ctx, &req)? {
         if target != ctx.id {
-            return ctx
-                .forward(
-                    target,
-                    ClientRequest::Forwarded {
-                        origin: caller,
-                        request: Box::new(req),
-                    },
-                )
-                .await;
+            return ctx.forward(target, ClientRequest::Forwarded { origin: caller, request: Box::new(req) }).await;
         }
         return crate::api_local::handle(ctx, caller, req).await;
     }
@@ -142,10 +113,7 @@ async fn handle(
         if leader == ctx.id {
             break;
         }
-        let fwd = ClientRequest::Forwarded {
-            origin: caller,
-            request: Box::new(req.clone()),
-        };
+        let fwd = ClientRequest::Forwarded { origin: caller, request: Box::new(req.clone()) };
         match ctx.forward(leader, fwd).await {
             Err(e) if attempts < 5 => {
                 attempts += 1;
@@ -160,15 +128,9 @@ async fn handle(
         ClientRequest::CreateTicket { role, ttl_ms } => {
             let expires = now_ms().saturating_add(ttl_ms);
             let t = issue_ticket(ctx, caller, role, expires).await?;
-            Ok(ClientResponse::Ticket {
-                ticket: t.encode(),
-                id: t.id(),
-                expires_at_ms: expires,
-            })
+            Ok(ClientResponse::Ticket { ticket: t.encode(), id: t.id(), expires_at_ms: expires })
         }
-        ClientRequest::RevokeTicket { id } => {
-            write(ctx, caller, Command::RevokeTicket { id }).await
-        }
+        ClientRequest::RevokeTicket { id } => write(ctx, caller, Command::RevokeTicket { id }).await,
         ClientRequest::Label { node, set, remove } => {
             let node = resolve(ctx, &node)?;
             write(ctx, caller, Command::SetLabels { node, set, remove }).await
@@ -186,21 +148,13 @@ async fn handle(
 /// gc are answered by whichever node received them.
 fn answered_by(ctx: &NodeCtx, req: &ClientRequest) -> Result<Option<NodeId>, ApiError> {
     Ok(match req {
-        ClientRequest::NodeStatus { node } | ClientRequest::ImagePull { node, .. } => {
-            Some(resolve(ctx, node)?)
-        }
+        ClientRequest::NodeStatus { node } | ClientRequest::ImagePull { node, .. } => Some(resolve(ctx, node)?),
         ClientRequest::ImageGc { node: Some(node) } => Some(resolve(ctx, node)?),
         ClientRequest::ImageGc { node: None } | ClientRequest::ImagePush { .. } => Some(ctx.id),
         ClientRequest::VmLogs { name, .. } => {
             let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
-            let vm = st
-                .state
-                .vms
-                .get(name)
-                .ok_or_else(|| refused(Refusal::UnknownVm(name.clone())))?;
-            Some(vm.node.ok_or_else(|| {
-                ApiError::Invalid(format!("VM {name:?} is not placed on a node yet"))
-            })?)
+            let vm = st.state.vms.get(name).ok_or_else(|| refused(Refusal::UnknownVm(name.clone())))?;
+            Some(vm.node.ok_or_else(|| ApiError::Invalid(format!("VM {name:?} is not placed on a node yet")))?)
         }
         _ => None,
     })
@@ -213,11 +167,7 @@ pub(crate) fn result_response(r: CommandResult) -> ClientResponse {
     }
 }
 
-pub(crate) async fn write(
-    ctx: &NodeCtx,
-    by: NodeId,
-    cmd: Command,
-) -> Result<ClientResponse, ApiError> {
+pub(crate) async fn write(ctx: &NodeCtx, by: NodeId, cmd: Command) -> Result<ClientResponse, ApiError> {
     Ok(result_response(ctx.propose(by, cmd).await?))
 }
 
@@ -238,22 +188,9 @@ async fn remove_node(ctx: &NodeCtx, by: NodeId, node: NodeId) -> Result<ClientRe
     };
     if in_membership {
         let voters: std::collections::BTreeSet<NodeId> = [node].into();
-        let is_voter = ctx
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == node);
-        let change = if is_voter {
-            ChangeMembers::RemoveVoters(voters)
-        } else {
-            ChangeMembers::RemoveNodes(voters)
-        };
-        ctx.change_membership(change, false)
-            .await
-            .map_err(ApiError::Internal)?;
+        let is_voter = ctx.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == node);
+        let change = if is_voter { ChangeMembers::RemoveVoters(voters) } else { ChangeMembers::RemoveNodes(voters) };
+        ctx.change_membership(change, false).await.map_err(ApiError::Internal)?;
         info!(node = %node.short(), "removed from raft membership");
     }
     // If we removed ourselves, leadership moves: `propose` follows it.
@@ -264,51 +201,20 @@ async fn remove_node(ctx: &NodeCtx, by: NodeId, node: NodeId) -> Result<ClientRe
 
 /// Issues a ticket for `role`: records the hash of a fresh secret in Raft state and
 /// returns the ticket with the current members' addresses.
-pub async fn issue_ticket(
-    ctx: &NodeCtx,
-    by: NodeId,
-    role: Role,
-    expires_at_ms: u64,
-) -> Result<Ticket, ApiError> {
+pub async fn issue_ticket(ctx: &NodeCtx, by: NodeId, role: Role, expires_at_ms: u64) -> Result<Ticket, ApiError> {
     let secret: [u8; 32] = rand::random();
     let secret_hash = blixard_types::ticket::secret_hash(&secret);
-    match ctx
-        .propose(
-            by,
-            Command::CreateTicket {
-                secret_hash,
-                role,
-                expires_at_ms,
-            },
-        )
-        .await?
-    {
+    match ctx.propose(by, Command::CreateTicket { secret_hash, role, expires_at_ms }).await? {
         CommandResult::Ok => {}
         CommandResult::Refused(r) => return Err(refused(r)),
     }
     let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
-    let cluster_id = st
-        .state
-        .cluster_id
-        .ok_or_else(|| refused(Refusal::NotBootstrapped))?;
-    let mut peers: Vec<PeerAddr> = st
-        .state
-        .nodes
-        .iter()
-        .map(|(id, n)| PeerAddr {
-            id: *id,
-            addrs: n.addrs.clone(),
-        })
-        .collect();
+    let cluster_id = st.state.cluster_id.ok_or_else(|| refused(Refusal::NotBootstrapped))?;
+    let mut peers: Vec<PeerAddr> =
+        st.state.nodes.iter().map(|(id, n)| PeerAddr { id: *id, addrs: n.addrs.clone() }).collect();
     // The leader first: it answers joins without a redirect.
     peers.sort_by_key(|p| p.id != ctx.id);
-    Ok(Ticket {
-        cluster_id,
-        role,
-        expires_at_ms,
-        secret,
-        peers,
-    })
+    Ok(Ticket { cluster_id, role, expires_at_ms, secret, peers })
 }
 
 /// This node's own view (no leader involved, so it may be stale: that is the point).
@@ -344,14 +250,10 @@ pub(crate) fn node_status(ctx: &NodeCtx) -> NodeStatus {
 
 /// Confirms this node is still the leader with a quorum, so what it reads next is current.
 pub(crate) async fn linearizable(ctx: &NodeCtx) -> Result<(), ApiError> {
-    ctx.raft
-        .ensure_linearizable()
-        .await
-        .map(|_| ())
-        .map_err(|e| match e {
-            openraft::error::RaftError::APIError(_) => ApiError::NoLeader,
-            other => ApiError::Internal(other.to_string()),
-        })
+    ctx.raft.ensure_linearizable().await.map(|_| ()).map_err(|e| match e {
+        openraft::error::RaftError::APIError(_) => ApiError::NoLeader,
+        other => ApiError::Internal(other.to_string()),
+    })
 }
 
 /// The cluster as the leader sees it, after confirming leadership (linearizable).
@@ -368,13 +270,7 @@ async fn status(ctx: &NodeCtx) -> Result<ClusterStatus, ApiError> {
         .iter()
         .map(|(id, n)| {
             let in_raft = membership.get_node(id).is_some();
-            let role = if voters.contains(id) {
-                "voter"
-            } else if in_raft {
-                "learner"
-            } else {
-                "joining"
-            };
+            let role = if voters.contains(id) { "voter" } else if in_raft { "learner" } else { "joining" };
             let live = ctx.liveness_of(id);
             let reachable = live == crate::liveness::Liveness::Alive;
             let state = if metrics.current_leader == Some(*id) {

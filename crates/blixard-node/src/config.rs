@@ -97,8 +97,7 @@ pub struct LocalState {
 impl LocalState {
     pub fn load(path: &Path) -> Result<Self, String> {
         match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| format!("{} is corrupt: {e}", path.display())),
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{} is corrupt: {e}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
         }
@@ -106,8 +105,7 @@ impl LocalState {
 
     pub fn save(&self, path: &Path) -> Result<(), String> {
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
-        write_atomic(path, &bytes, 0o644)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        write_atomic(path, &bytes, 0o644).map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 }
 
@@ -116,12 +114,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -130,9 +123,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
 /// What this host has: all CPUs, total memory, and the free space of the data dir's
 /// filesystem are the defaults for `--cpus`, `--memory-mib`, `--disk-gib`.
 pub fn host_resources() -> Resources {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
     let memory_mib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -143,9 +134,5 @@ pub fn host_resources() -> Resources {
         })
         .map(|kb| kb / 1024)
         .unwrap_or(0);
-    Resources {
-        cpus,
-        memory_mib,
-        disk_gib: 0,
-    }
+    Resources { cpus, memory_mib, disk_gib: 0 }
 }

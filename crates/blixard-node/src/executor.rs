@@ -22,8 +22,8 @@ use blixard_types::image::ImageKind;
 use blixard_types::vm::HealthCheck;
 use blixard_types::{Command, CommandResult};
 use blixard_vmm::{
-    BackendConfig, Boot, Bundle, Capacity, Disk, MicrovmBackend, QemuBackend, QemuOptions, Runner,
-    StopOptions, VmBackend, VmError, VmState as LocalState, VmStatus,
+    BackendConfig, Boot, Bundle, Capacity, Disk, MicrovmBackend, QemuBackend, QemuOptions, Runner, StopOptions,
+    VmBackend, VmError, VmState as LocalState, VmStatus,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -62,9 +62,7 @@ impl std::str::FromStr for BackendChoice {
             "auto" => Ok(Self::Auto),
             "microvm" => Ok(Self::Microvm),
             "qemu" => Ok(Self::Qemu),
-            _ => Err(format!(
-                "unknown backend {s:?}: expected auto, microvm or qemu"
-            )),
+            _ => Err(format!("unknown backend {s:?}: expected auto, microvm or qemu")),
         }
     }
 }
@@ -87,26 +85,20 @@ pub struct Backends {
 }
 
 impl Backends {
-    pub async fn open(
-        dir: &Path,
-        capacity: Capacity,
-        choice: BackendChoice,
-    ) -> Result<Self, VmError> {
+    pub async fn open(dir: &Path, capacity: Capacity, choice: BackendChoice) -> Result<Self, VmError> {
         let cfg = |kind: &str| {
             let mut c = BackendConfig::new(dir.join(kind), capacity);
             c.die_with_parent = true;
             c
         };
         let qemu = match choice {
-            BackendChoice::Auto | BackendChoice::Qemu => Some(Arc::new(
-                QemuBackend::open(cfg("qemu"), QemuOptions::default()).await?,
-            )),
+            BackendChoice::Auto | BackendChoice::Qemu => {
+                Some(Arc::new(QemuBackend::open(cfg("qemu"), QemuOptions::default()).await?))
+            }
             BackendChoice::Microvm => None,
         };
         let microvm = match choice {
-            BackendChoice::Auto | BackendChoice::Microvm => {
-                Some(Arc::new(MicrovmBackend::open(cfg("microvm")).await?))
-            }
+            BackendChoice::Auto | BackendChoice::Microvm => Some(Arc::new(MicrovmBackend::open(cfg("microvm")).await?)),
             BackendChoice::Qemu => None,
         };
         Ok(Self { qemu, microvm })
@@ -184,37 +176,21 @@ type Done = (String, Result<(), String>);
 
 impl Executor {
     pub fn new(ctx: NodeCtx, images: Arc<NodeImages>, backends: Arc<Backends>) -> Self {
-        Self {
-            ctx,
-            images,
-            backends,
-            fetches: Default::default(),
-            wake: Default::default(),
-        }
+        Self { ctx, images, backends, fetches: Default::default(), wake: Default::default() }
     }
 
     /// Runs until the node stops. Acts only once this node has applied everything the
     /// cluster had committed when it started: a node coming back must first learn that its
     /// VMs were moved away, or it would start them again.
     pub async fn run(self) {
-        self.catch_up()
-            .instrument(info_span!("reconcile_catch_up"))
-            .await;
+        self.catch_up().instrument(info_span!("reconcile_catch_up")).await;
         // VMs this node had when its previous process ended were stopped by the node (a
         // shutdown, or the kill of orphaned hypervisors at start), not by their guests: they
         // start again at once, whatever their restart policy.
         let mut memory: BTreeMap<String, Memory> = self
             .wanted()
             .into_keys()
-            .map(|name| {
-                (
-                    name,
-                    Memory {
-                        stopped_on_purpose: true,
-                        ..Memory::default()
-                    },
-                )
-            })
+            .map(|name| (name, Memory { stopped_on_purpose: true, ..Memory::default() }))
             .collect();
         let mut busy: BTreeSet<String> = BTreeSet::new();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
@@ -264,16 +240,8 @@ impl Executor {
                 next = tokio::time::Instant::now() + TICK_BUSY;
                 continue;
             }
-            let settled = self
-                .round(&mut memory, &mut busy, &done_tx)
-                .instrument(info_span!("reconcile"))
-                .await;
-            next = tokio::time::Instant::now()
-                + if settled && busy.is_empty() {
-                    TICK_IDLE
-                } else {
-                    TICK_BUSY
-                };
+            let settled = self.round(&mut memory, &mut busy, &done_tx).instrument(info_span!("reconcile")).await;
+            next = tokio::time::Instant::now() + if settled && busy.is_empty() { TICK_IDLE } else { TICK_BUSY };
         }
     }
 
@@ -281,23 +249,13 @@ impl Executor {
     /// it, i.e. could be placing its VMs elsewhere. (A 2-node cluster split in two cannot:
     /// neither half has a quorum, so neither fences.)
     fn others_could_act(&self) -> bool {
-        let voters: Vec<blixard_types::NodeId> = self
-            .ctx
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let voters: Vec<blixard_types::NodeId> =
+            self.ctx.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
         if voters.is_empty() {
             return false;
         }
         let det = self.ctx.liveness.lock().unwrap_or_else(|p| p.into_inner());
-        let unseen = voters
-            .iter()
-            .filter(|id| !self.ctx.is_alive_locked(&det, id))
-            .count();
+        let unseen = voters.iter().filter(|id| !self.ctx.is_alive_locked(&det, id)).count();
         unseen * 2 > voters.len()
     }
 
@@ -324,21 +282,11 @@ impl Executor {
                         break;
                     }
                 }
-                Ok(l) => match self
-                    .ctx
-                    .forward(l, blixard_types::rpc::ClientRequest::Status)
-                    .await
-                {
+                Ok(l) => match self.ctx.forward(l, blixard_types::rpc::ClientRequest::Status).await {
                     Ok(blixard_types::rpc::ClientResponse::Status(s)) => {
                         let mut m = self.ctx.raft.metrics();
-                        let applied = |m: &openraft::RaftMetrics<_, _>| {
-                            m.last_applied.map(|l| l.index).unwrap_or(0)
-                        };
-                        let reached = tokio::time::timeout(
-                            Duration::from_secs(30),
-                            m.wait_for(|m| applied(m) >= s.commit_index),
-                        )
-                        .await;
+                        let applied = |m: &openraft::RaftMetrics<_, _>| m.last_applied.map(|l| l.index).unwrap_or(0);
+                        let reached = tokio::time::timeout(Duration::from_secs(30), m.wait_for(|m| applied(m) >= s.commit_index)).await;
                         if matches!(reached, Ok(Ok(_))) {
                             break;
                         }
@@ -354,37 +302,19 @@ impl Executor {
 
     /// One reconciliation round. Returns whether every VM here is where it should be (no
     /// actions, nothing fetching or starting), so the loop may look less often.
-    async fn round(
-        &self,
-        memory: &mut BTreeMap<String, Memory>,
-        busy: &mut BTreeSet<String>,
-        done: &mpsc::UnboundedSender<Done>,
-    ) -> bool {
+    async fn round(&self, memory: &mut BTreeMap<String, Memory>, busy: &mut BTreeSet<String>, done: &mpsc::UnboundedSender<Done>) -> bool {
         let wanted = self.wanted();
         let local = self.backends.list().await;
         let observed: BTreeMap<String, Observed> = local
             .iter()
-            .map(|(name, (_, s))| {
-                (
-                    name.clone(),
-                    observe(s, wanted.get(name).and_then(|w| w.spec.health.as_ref())),
-                )
-            })
+            .map(|(name, (_, s))| (name.clone(), observe(s, wanted.get(name).and_then(|w| w.spec.health.as_ref()))))
             .collect();
         self.sync_images(&wanted, memory);
         // VMs with an operation in flight sit this round out (their memory is kept aside).
-        let parked: BTreeMap<String, Memory> = busy
-            .iter()
-            .filter_map(|n| memory.remove(n).map(|m| (n.clone(), m)))
-            .collect();
-        let wanted_now: BTreeMap<String, Wanted> = wanted
-            .into_iter()
-            .filter(|(n, _)| !busy.contains(n))
-            .collect();
-        let observed_now: BTreeMap<String, Observed> = observed
-            .into_iter()
-            .filter(|(n, _)| !busy.contains(n))
-            .collect();
+        let parked: BTreeMap<String, Memory> =
+            busy.iter().filter_map(|n| memory.remove(n).map(|m| (n.clone(), m))).collect();
+        let wanted_now: BTreeMap<String, Wanted> = wanted.into_iter().filter(|(n, _)| !busy.contains(n)).collect();
+        let observed_now: BTreeMap<String, Observed> = observed.into_iter().filter(|(n, _)| !busy.contains(n)).collect();
         let actions = plan(&wanted_now, &observed_now, memory, now_ms());
         memory.extend(parked);
         tracing::trace!(?actions, observed = ?observed_now, "planned");
@@ -402,10 +332,7 @@ impl Executor {
                         self.start_fetch(w.spec.image.clone());
                     }
                 }
-                other => per_vm
-                    .entry(other.vm().to_string())
-                    .or_default()
-                    .push(other),
+                other => per_vm.entry(other.vm().to_string()).or_default().push(other),
             }
         }
         for (name, acts) in per_vm {
@@ -419,10 +346,7 @@ impl Executor {
                 async move {
                     let res = me.execute(&name, acts, backend, spec).await;
                     if res.is_err() {
-                        me.ctx
-                            .metrics
-                            .vm_op_failures
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        me.ctx.metrics.vm_op_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     let _ = done.send((name, res));
                 }
@@ -439,28 +363,20 @@ impl Executor {
     }
 
     /// Carries finished fetches into the VMs' memories; an image already here needs none.
-    fn sync_images(
-        &self,
-        wanted: &BTreeMap<String, Wanted>,
-        memory: &mut BTreeMap<String, Memory>,
-    ) {
+    fn sync_images(&self, wanted: &BTreeMap<String, Wanted>, memory: &mut BTreeMap<String, Memory>) {
         let mut fetches = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
         let mut picked_up = Vec::new();
         for (name, w) in wanted {
             let m = memory.entry(name.clone()).or_default();
             let hash = &w.spec.image;
             match (fetches.get(hash), &m.image) {
-                (Some(ImageState::Ready), ImageState::Missing | ImageState::Fetching) => {
-                    m.image = ImageState::Ready
-                }
+                (Some(ImageState::Ready), ImageState::Missing | ImageState::Fetching) => m.image = ImageState::Ready,
                 (Some(ImageState::Failed(e)), ImageState::Missing | ImageState::Fetching) => {
                     m.image = ImageState::Failed(e.clone());
                     picked_up.push(hash.clone());
                 }
                 // Started again by the user after an image failure: fetch again.
-                (_, ImageState::Failed(_))
-                    if w.recorded.state == blixard_types::vm::VmState::Pending =>
-                {
+                (_, ImageState::Failed(_)) if w.recorded.state == blixard_types::vm::VmState::Pending => {
                     m.image = ImageState::Missing;
                 }
                 _ => {}
@@ -492,10 +408,7 @@ impl Executor {
                         ImageState::Failed(e)
                     }
                 };
-                me.fetches
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(hash, state);
+                me.fetches.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, state);
                 me.wake.notify_one();
             }
             .instrument(span),
@@ -508,17 +421,9 @@ impl Executor {
             let r = self.images.fetch(hash, providers).await;
             self.ctx.metrics.observe_fetch(&r);
             let stats = r.map_err(|e| e.to_string())?;
-            info!(
-                bytes = stats.bytes_transferred,
-                parts = stats.parts,
-                ms = stats.elapsed.as_millis() as u64,
-                "image fetched"
-            );
+            info!(bytes = stats.bytes_transferred, parts = stats.parts, ms = stats.elapsed.as_millis() as u64, "image fetched");
         }
-        self.images
-            .materialise(hash)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.images.materialise(hash).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -533,17 +438,11 @@ impl Executor {
         for a in actions {
             debug!(action = ?a, "executing");
             if !matches!(a, Action::Report(..)) {
-                self.ctx
-                    .metrics
-                    .vm_ops
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.ctx.metrics.vm_ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             match a {
                 Action::Report(_, report) => {
-                    let cmd = Command::ReportVm {
-                        name: name.to_string(),
-                        report,
-                    };
+                    let cmd = Command::ReportVm { name: name.to_string(), report };
                     match self.ctx.propose(self.ctx.id, cmd).await {
                         Ok(CommandResult::Ok) => {}
                         // Moved or deleted meanwhile: the next round sees it.
@@ -565,9 +464,7 @@ impl Executor {
                     }
                 }
                 other => {
-                    let b = backend
-                        .as_ref()
-                        .ok_or_else(|| format!("no backend has VM {name}"))?;
+                    let b = backend.as_ref().ok_or_else(|| format!("no backend has VM {name}"))?;
                     let r = match other {
                         Action::Start(_) => b.start(name).await,
                         Action::Stop(_) => b.stop(name, StopOptions::graceful(STOP_TIMEOUT)).await,
@@ -590,31 +487,18 @@ impl Executor {
     /// Reports a booting guest ready the moment it is: waits for its console marker (or,
     /// without a health check, any console output), runs its checks at once, and wakes the
     /// loop, instead of leaving it to the next periodic health check.
-    fn watch_ready(
-        &self,
-        b: Arc<dyn VmBackend>,
-        name: &str,
-        spec: Option<&blixard_types::vm::VmSpec>,
-        from: u64,
-    ) {
+    fn watch_ready(&self, b: Arc<dyn VmBackend>, name: &str, spec: Option<&blixard_types::vm::VmSpec>, from: u64) {
         let needle = match spec.and_then(|s| s.health.as_ref()) {
             Some(HealthCheck::Console(m)) => m.clone(),
             Some(_) => return,
             // Any output: the first newline will do.
             None => "\n".to_string(),
         };
-        let (name, wake, metrics) = (
-            name.to_string(),
-            self.wake.clone(),
-            self.ctx.metrics.clone(),
-        );
+        let (name, wake, metrics) = (name.to_string(), self.wake.clone(), self.ctx.metrics.clone());
         let started = std::time::Instant::now();
         tokio::spawn(
             async move {
-                if b.wait_console(&name, &needle, from, READY_WATCH)
-                    .await
-                    .is_ok()
-                {
+                if b.wait_console(&name, &needle, from, READY_WATCH).await.is_ok() {
                     metrics.boot.observe(started.elapsed());
                     let _ = b.health(&name).await;
                     wake.notify_one();
@@ -625,15 +509,8 @@ impl Executor {
     }
 
     /// The backend spec of a cluster VM, from its materialised image.
-    async fn vmm_spec(
-        &self,
-        spec: &blixard_types::vm::VmSpec,
-    ) -> Result<(Arc<dyn VmBackend>, blixard_vmm::VmSpec), String> {
-        let (kind, _) = self
-            .images
-            .describe(&spec.image)
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn vmm_spec(&self, spec: &blixard_types::vm::VmSpec) -> Result<(Arc<dyn VmBackend>, blixard_vmm::VmSpec), String> {
+        let (kind, _) = self.images.describe(&spec.image).await.map_err(|e| e.to_string())?;
         let backend = self.backends.for_kind(kind)?;
         let boot = match self.images.materialise(&spec.image).await.map_err(|e| e.to_string())? {
             Materialised::Bundle { kernel, initrd, disk, cmdline } => Boot::Bundle(Bundle {
@@ -652,9 +529,7 @@ impl Executor {
         };
         let mut v = blixard_vmm::VmSpec::new(spec.name.clone(), spec.vcpus, spec.memory_mib, boot);
         if let Some(HealthCheck::Console(marker)) = &spec.health {
-            v.health.push(blixard_vmm::HealthCheck::ConsoleMarker {
-                marker: marker.clone(),
-            });
+            v.health.push(blixard_vmm::HealthCheck::ConsoleMarker { marker: marker.clone() });
         }
         Ok((backend, v))
     }
@@ -675,16 +550,8 @@ fn observe(s: &VmStatus, check: Option<&HealthCheck>) -> Observed {
     let healthy = match (&s.health, check) {
         (blixard_vmm::Health::Healthy, _) => Some(true),
         (blixard_vmm::Health::Unhealthy { .. }, _) => Some(false),
-        (blixard_vmm::Health::Unknown, None)
-            if s.state == LocalState::Running && s.console_bytes > 0 =>
-        {
-            Some(true)
-        }
+        (blixard_vmm::Health::Unknown, None) if s.state == LocalState::Running && s.console_bytes > 0 => Some(true),
         (blixard_vmm::Health::Unknown, _) => None,
     };
-    Observed {
-        local: Some(local),
-        healthy,
-        error: s.last_error.clone(),
-    }
+    Observed { local: Some(local), healthy, error: s.last_error.clone() }
 }

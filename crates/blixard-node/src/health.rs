@@ -31,18 +31,8 @@ pub fn topic(cluster: &blixard_types::ClusterId) -> TopicId {
 /// This node's report, from the applied state.
 fn own_report(ctx: &NodeCtx, seq: u64, incarnation: u64) -> NodeHealth {
     let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
-    let cap = st
-        .state
-        .nodes
-        .get(&ctx.id)
-        .map(|n| n.resources)
-        .unwrap_or_default();
-    let used = st
-        .state
-        .usage
-        .get(&ctx.id)
-        .map(|u| u.used)
-        .unwrap_or_default();
+    let cap = st.state.nodes.get(&ctx.id).map(|n| n.resources).unwrap_or_default();
+    let used = st.state.usage.get(&ctx.id).map(|u| u.used).unwrap_or_default();
     let vms_running = st
         .state
         .vms
@@ -80,13 +70,7 @@ fn members(ctx: &NodeCtx, lookup: &MemoryLookup) -> BTreeSet<NodeId> {
 }
 
 /// Runs gossip for this node until the gossip actor stops.
-pub async fn run(
-    ctx: NodeCtx,
-    key: SecretKey,
-    gossip: Gossip,
-    lookup: MemoryLookup,
-    detector: Arc<Mutex<Detector>>,
-) {
+pub async fn run(ctx: NodeCtx, key: SecretKey, gossip: Gossip, lookup: MemoryLookup, detector: Arc<Mutex<Detector>>) {
     let span = tracing::info_span!("gossip");
     async move {
         // Wait until this node knows its cluster (a joiner catches up first).
@@ -150,14 +134,7 @@ fn accept(ctx: &NodeCtx, detector: &Mutex<Detector>, bytes: &[u8]) {
             return;
         }
     };
-    if from == ctx.id
-        || !ctx
-            .state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .state
-            .is_member(&from)
-    {
+    if from == ctx.id || !ctx.state.read().unwrap_or_else(|p| p.into_inner()).state.is_member(&from) {
         debug!(from = %from.short(), "dropped gossip from a non-member");
         return;
     }
@@ -166,9 +143,7 @@ fn accept(ctx: &NodeCtx, detector: &Mutex<Detector>, bytes: &[u8]) {
             let now = Instant::now();
             let mut d = detector.lock().unwrap_or_else(|p| p.into_inner());
             let was_dead = d.liveness(&from, now) == crate::liveness::Liveness::Dead;
-            let restarted = d
-                .report(&from)
-                .is_some_and(|old| old.incarnation != h.incarnation);
+            let restarted = d.report(&from).is_some_and(|old| old.incarnation != h.incarnation);
             if d.observe(from, h, now) && (was_dead || restarted) {
                 // It came back, likely as a new process: a cached connection to the old
                 // one would only time out.

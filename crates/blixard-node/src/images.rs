@@ -8,9 +8,7 @@ use std::str::FromStr;
 use std::sync::RwLock;
 
 use blixard_images::manifest::Image;
-use blixard_images::{
-    FetchError, FetchStats, Hash, ImageStore, ImageStoreOptions, Materialised, NixOptions,
-};
+use blixard_images::{FetchError, FetchStats, Hash, ImageStore, ImageStoreOptions, Materialised, NixOptions};
 use blixard_types::image::ImageKind;
 use blixard_types::NodeId;
 use iroh::{Endpoint, EndpointAddr};
@@ -46,10 +44,7 @@ impl NodeImages {
         // keeps an idle node idle.
         opts.gc_poll = std::time::Duration::from_secs(2);
         let store = ImageStore::open(endpoint, opts).await?;
-        let me = Self {
-            store,
-            held: RwLock::new(BTreeSet::new()),
-        };
+        let me = Self { store, held: RwLock::new(BTreeSet::new()) };
         me.refresh_held().await;
         Ok(me)
     }
@@ -60,21 +55,14 @@ impl NodeImages {
     }
 
     pub fn holds(&self, hash: &str) -> bool {
-        self.held
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(hash)
+        self.held.read().unwrap_or_else(|p| p.into_inner()).contains(hash)
     }
 
     /// Re-reads which images are complete.
     pub async fn refresh_held(&self) {
         match self.store.list().await {
             Ok(list) => {
-                let set = list
-                    .into_iter()
-                    .filter(|i| i.complete)
-                    .map(|i| i.hash.to_hex().to_string())
-                    .collect();
+                let set = list.into_iter().filter(|i| i.complete).map(|i| i.hash.to_hex().to_string()).collect();
                 *self.held.write().unwrap_or_else(|p| p.into_inner()) = set;
             }
             Err(e) => warn!(error = %e, "cannot list images"),
@@ -82,11 +70,7 @@ impl NodeImages {
     }
 
     /// Fetches an image from `providers` (verified, pinned).
-    pub async fn fetch(
-        &self,
-        hash: &str,
-        providers: Vec<EndpointAddr>,
-    ) -> Result<FetchStats, ImageUseError> {
+    pub async fn fetch(&self, hash: &str, providers: Vec<EndpointAddr>) -> Result<FetchStats, ImageUseError> {
         let h = parse_hash(hash)?;
         let r = self.store.fetch(h, providers, &|_| {}).await;
         self.refresh_held().await;
@@ -110,14 +94,8 @@ impl NodeImages {
 
     /// Drops every local image the catalogue does not list. Returns (images removed,
     /// blobs before, blobs after).
-    pub async fn gc(
-        &self,
-        catalogue: &BTreeSet<String>,
-    ) -> Result<blixard_images::GcStats, blixard_images::GcError> {
-        let keep: Vec<Hash> = catalogue
-            .iter()
-            .filter_map(|h| Hash::from_str(h).ok())
-            .collect();
+    pub async fn gc(&self, catalogue: &BTreeSet<String>) -> Result<blixard_images::GcStats, blixard_images::GcError> {
+        let keep: Vec<Hash> = catalogue.iter().filter_map(|h| Hash::from_str(h).ok()).collect();
         let r = self.store.gc(&keep).await;
         self.refresh_held().await;
         r
@@ -136,10 +114,7 @@ pub(crate) fn parse_hash(s: &str) -> Result<Hash, ImageUseError> {
 fn nix_options() -> NixOptions {
     let mut o = NixOptions::default();
     if std::env::var_os("NIX_CONFIG").is_none() {
-        o.env.push((
-            "NIX_CONFIG".into(),
-            "build-users-group =\nsubstituters =\n".into(),
-        ));
+        o.env.push(("NIX_CONFIG".into(), "build-users-group =\nsubstituters =\n".into()));
     }
     o
 }
@@ -154,13 +129,7 @@ pub(crate) fn providers(ctx: &crate::node::NodeCtx, hash: &str) -> Vec<EndpointA
         .nodes
         .keys()
         .filter(|id| **id != ctx.id && ctx.is_alive_locked(&det, id))
-        .map(|id| {
-            (
-                det.report(id)
-                    .is_some_and(|r| r.images.iter().any(|i| i == hash)),
-                *id,
-            )
-        })
+        .map(|id| (det.report(id).is_some_and(|r| r.images.iter().any(|i| i == hash)), *id))
         .collect();
     holders.sort_by_key(|(holds, _)| !holds);
     holders

@@ -3,10 +3,10 @@
 //! says so; a CLI key proves a client ticket and is authorised for the client API.
 
 use blixard_mesh::rpc;
-use blixard_raft::RaftNode;
 use blixard_types::rpc::{JoinRequest, JoinResponse};
 use blixard_types::ticket::PeerAddr;
 use blixard_types::{Command, CommandResult, NodeId, Role};
+use blixard_raft::RaftNode;
 use iroh::endpoint::Connection;
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use openraft::ChangeMembers;
@@ -70,26 +70,10 @@ async fn handle(ctx: &NodeCtx, peer: NodeId, req: JoinRequest) -> JoinResponse {
     match req {
         JoinRequest::Client { .. } => {
             // Fast answer without a write when the key is already authorised.
-            if ctx
-                .state
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .state
-                .clients
-                .contains_key(&peer)
-            {
+            if ctx.state.read().unwrap_or_else(|p| p.into_inner()).state.clients.contains_key(&peer) {
                 return JoinResponse::Authorized { cluster_id };
             }
-            match ctx
-                .propose(
-                    peer,
-                    Command::AuthorizeClient {
-                        key: peer,
-                        secret_hash: hash,
-                    },
-                )
-                .await
-            {
+            match ctx.propose(peer, Command::AuthorizeClient { key: peer, secret_hash: hash }).await {
                 Ok(CommandResult::Ok) => {
                     info!("client key authorised");
                     JoinResponse::Authorized { cluster_id }
@@ -99,42 +83,27 @@ async fn handle(ctx: &NodeCtx, peer: NodeId, req: JoinRequest) -> JoinResponse {
             }
         }
         JoinRequest::Node { ticket, info } => {
-            let role =
-                match ticket.role {
-                    Role::Client => return JoinResponse::Refused(
-                        "a client ticket cannot make a node join; use a voter or learner ticket"
-                            .into(),
-                    ),
-                    r => r,
-                };
+            let role = match ticket.role {
+                Role::Client => {
+                    return JoinResponse::Refused(
+                        "a client ticket cannot make a node join; use a voter or learner ticket".into(),
+                    )
+                }
+                r => r,
+            };
             let leader = match ctx.leader().await {
                 Ok(l) => l,
                 Err(e) => return JoinResponse::Refused(e.to_string()),
             };
             if leader != ctx.id {
-                return JoinResponse::Redirect {
-                    leader: PeerAddr {
-                        id: leader,
-                        addrs: ctx.addrs_of(&leader),
-                    },
-                };
+                return JoinResponse::Redirect { leader: PeerAddr { id: leader, addrs: ctx.addrs_of(&leader) } };
             }
             // Check first for a clear error without a write; `apply` checks again.
-            if let Err(r) = ctx
-                .state
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .state
-                .check_ticket(&hash, role, now_ms())
+            if let Err(r) = ctx.state.read().unwrap_or_else(|p| p.into_inner()).state.check_ticket(&hash, role, now_ms())
             {
                 return JoinResponse::Refused(r.to_string());
             }
-            let admit = Command::AdmitNode {
-                node: peer,
-                info: info.clone(),
-                secret_hash: hash,
-                role,
-            };
+            let admit = Command::AdmitNode { node: peer, info: info.clone(), secret_hash: hash, role };
             match ctx.propose(peer, admit).await {
                 Ok(CommandResult::Ok) => {}
                 Ok(CommandResult::Refused(r)) => return JoinResponse::Refused(r.to_string()),

@@ -55,20 +55,12 @@ impl Default for Detector {
 
 impl Detector {
     pub fn new(suspect_after: Duration, dead_after: Duration) -> Self {
-        Self {
-            suspect_after,
-            dead_after,
-            seen: BTreeMap::new(),
-        }
+        Self { suspect_after, dead_after, seen: BTreeMap::new() }
     }
 
     /// Records a report; returns false for stale or replayed ones (seq not newer).
     pub fn observe(&mut self, from: NodeId, report: NodeHealth, now: Instant) -> bool {
-        if self
-            .seen
-            .get(&from)
-            .is_some_and(|s| report.seq <= s.report.seq)
-        {
+        if self.seen.get(&from).is_some_and(|s| report.seq <= s.report.seq) {
             return false;
         }
         self.seen.insert(from, Seen { at: now, report });
@@ -98,9 +90,7 @@ impl Detector {
 
     /// How long ago `id` was last heard from.
     pub fn silent_for(&self, id: &NodeId, now: Instant) -> Option<Duration> {
-        self.seen
-            .get(id)
-            .map(|s| now.saturating_duration_since(s.at))
+        self.seen.get(id).map(|s| now.saturating_duration_since(s.at))
     }
 
     /// Forgets a node (removed from the cluster).
@@ -119,47 +109,16 @@ mod tests {
         let mut d = Detector::default();
         let a = NodeId([1; 32]);
         assert_eq!(d.liveness(&a, t0), Liveness::Unknown);
-        assert!(d.observe(
-            a,
-            NodeHealth {
-                seq: 5,
-                ..Default::default()
-            },
-            t0
-        ));
-        assert_eq!(
-            d.liveness(&a, t0 + Duration::from_millis(500)),
-            Liveness::Alive
-        );
+        assert!(d.observe(a, NodeHealth { seq: 5, ..Default::default() }, t0));
+        assert_eq!(d.liveness(&a, t0 + Duration::from_millis(500)), Liveness::Alive);
         assert_eq!(d.liveness(&a, t0 + SUSPECT_AFTER), Liveness::Suspect);
         assert_eq!(d.liveness(&a, t0 + DEAD_AFTER), Liveness::Dead);
         // A replayed or older report does not revive it.
         let late = t0 + DEAD_AFTER;
-        assert!(!d.observe(
-            a,
-            NodeHealth {
-                seq: 5,
-                ..Default::default()
-            },
-            late
-        ));
-        assert!(!d.observe(
-            a,
-            NodeHealth {
-                seq: 4,
-                ..Default::default()
-            },
-            late
-        ));
+        assert!(!d.observe(a, NodeHealth { seq: 5, ..Default::default() }, late));
+        assert!(!d.observe(a, NodeHealth { seq: 4, ..Default::default() }, late));
         assert_eq!(d.liveness(&a, late), Liveness::Dead);
-        assert!(d.observe(
-            a,
-            NodeHealth {
-                seq: 6,
-                ..Default::default()
-            },
-            late
-        ));
+        assert!(d.observe(a, NodeHealth { seq: 6, ..Default::default() }, late));
         assert_eq!(d.liveness(&a, late), Liveness::Alive);
         d.forget(&a);
         assert_eq!(d.liveness(&a, late), Liveness::Unknown);
@@ -169,9 +128,6 @@ mod tests {
     fn defaults_meet_the_three_second_budget() {
         // Dead after DEAD_AFTER of silence, at most one interval after the last report.
         assert!(DEAD_AFTER + INTERVAL <= Duration::from_secs(3));
-        assert!(
-            SUSPECT_AFTER >= INTERVAL * 3,
-            "a few lost reports must not make a node suspect"
-        );
+        assert!(SUSPECT_AFTER >= INTERVAL * 3, "a few lost reports must not make a node suspect");
     }
 }

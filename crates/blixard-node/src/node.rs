@@ -16,9 +16,9 @@ use blixard_types::rpc::{ApiError, ClientRequest, ClientResponse, JoinRequest, J
 use blixard_types::ticket::{secret_hash, PeerAddr};
 use blixard_types::{ClusterId, Command, CommandResult, NodeId, Request, Role, Ticket};
 use iroh::protocol::Router;
-use iroh::Endpoint;
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::ChangeMembers;
+use iroh::Endpoint;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::client_api::ClientService;
@@ -37,10 +37,7 @@ pub(crate) const LEADER_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot create data dir {path}: {source}")]
-    DataDir {
-        path: String,
-        source: std::io::Error,
-    },
+    DataDir { path: String, source: std::io::Error },
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
     #[error("{0}")]
@@ -55,9 +52,7 @@ pub enum StartError {
     Raft(String),
     #[error("{0} already holds a cluster member; start it without --init/--join to resume")]
     AlreadyMember(String),
-    #[error(
-        "{0} holds no cluster yet; start with --init to create one or --join TICKET to join one"
-    )]
+    #[error("{0} holds no cluster yet; start with --init to create one or --join TICKET to join one")]
     NotMember(String),
     #[error("the ticket is a client ticket; a node needs a voter or learner ticket (`blixard cluster ticket --role voter`)")]
     ClientTicket,
@@ -105,8 +100,7 @@ impl NodeCtx {
 
     /// `is_alive` for a caller already holding the detector.
     pub(crate) fn is_alive_locked(&self, d: &crate::liveness::Detector, id: &NodeId) -> bool {
-        *id == self.id
-            || d.liveness(id, std::time::Instant::now()) == crate::liveness::Liveness::Alive
+        *id == self.id || d.liveness(id, std::time::Instant::now()) == crate::liveness::Liveness::Alive
     }
 
     /// `alive`, `suspect`, `dead` or `unknown` (itself: `alive`).
@@ -114,10 +108,7 @@ impl NodeCtx {
         if *id == self.id {
             return crate::liveness::Liveness::Alive;
         }
-        self.liveness
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .liveness(id, std::time::Instant::now())
+        self.liveness.lock().unwrap_or_else(|p| p.into_inner()).liveness(id, std::time::Instant::now())
     }
 }
 
@@ -133,11 +124,7 @@ impl NodeCtx {
     }
 
     pub fn cluster_id(&self) -> Option<ClusterId> {
-        self.state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .state
-            .cluster_id
+        self.state.read().unwrap_or_else(|p| p.into_inner()).state.cluster_id
     }
 
     /// The current leader, waiting up to [`LEADER_WAIT`] for one to be elected.
@@ -153,18 +140,12 @@ impl NodeCtx {
                 }
             }
         };
-        tokio::time::timeout(LEADER_WAIT, wait)
-            .await
-            .unwrap_or(Err(ApiError::NoLeader))
+        tokio::time::timeout(LEADER_WAIT, wait).await.unwrap_or(Err(ApiError::NoLeader))
     }
 
     /// Proposes `cmd` on behalf of `by`, on the leader (forwarding if this node is not it).
     pub async fn propose(&self, by: NodeId, cmd: Command) -> Result<CommandResult, ApiError> {
-        let req = Request {
-            at_ms: now_ms(),
-            by,
-            cmd,
-        };
+        let req = Request { at_ms: now_ms(), by, cmd };
         self.propose_request(req).await
     }
 
@@ -184,16 +165,11 @@ impl NodeCtx {
                     Err(e) => return Err(ApiError::Internal(e.to_string())),
                 }
             }
-            match self
-                .forward(leader, ClientRequest::Propose(req.clone()))
-                .await
-            {
+            match self.forward(leader, ClientRequest::Propose(req.clone())).await {
                 Ok(ClientResponse::Error(ApiError::NoLeader)) => last = ApiError::NoLeader,
                 Ok(ClientResponse::Error(e)) => return Err(e),
                 Ok(ClientResponse::Ok) => return Ok(CommandResult::Ok),
-                Ok(other) => {
-                    return Err(ApiError::Internal(format!("unexpected answer {other:?}")))
-                }
+                Ok(other) => return Err(ApiError::Internal(format!("unexpected answer {other:?}"))),
                 Err(e) => last = e,
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -203,19 +179,13 @@ impl NodeCtx {
 
     /// Applies a Raft membership change, one at a time, retrying while a previous change
     /// is still being committed.
-    pub async fn change_membership(
-        &self,
-        change: ChangeMembers<NodeId, RaftNode>,
-        retain: bool,
-    ) -> Result<(), String> {
-        self.membership_change(|| self.raft.change_membership(change.clone(), retain))
-            .await
+    pub async fn change_membership(&self, change: ChangeMembers<NodeId, RaftNode>, retain: bool) -> Result<(), String> {
+        self.membership_change(|| self.raft.change_membership(change.clone(), retain)).await
     }
 
     /// Adds a learner and waits until it caught up (serialised like other changes).
     pub async fn add_learner(&self, id: NodeId, node: RaftNode) -> Result<(), String> {
-        self.membership_change(|| self.raft.add_learner(id, node.clone(), true))
-            .await
+        self.membership_change(|| self.raft.add_learner(id, node.clone(), true)).await
     }
 
     /// Runs one membership change under the membership lock; openraft allows one at a time,
@@ -223,17 +193,13 @@ impl NodeCtx {
     async fn membership_change<F, Fut, T>(&self, mut change: F) -> Result<(), String>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<
-            Output = Result<T, RaftError<NodeId, ClientWriteError<NodeId, RaftNode>>>,
-        >,
+        Fut: std::future::Future<Output = Result<T, RaftError<NodeId, ClientWriteError<NodeId, RaftNode>>>>,
     {
         let _guard = self.membership_lock.lock().await;
         for _ in 0..50 {
             match change().await {
                 Ok(_) => return Ok(()),
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
-                    ChangeMembershipError::InProgress(_),
-                ))) => {
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_)))) => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(e.to_string()),
@@ -254,11 +220,7 @@ impl NodeCtx {
     }
 
     /// Sends a client request to another member (as a member).
-    pub async fn forward(
-        &self,
-        to: NodeId,
-        req: ClientRequest,
-    ) -> Result<ClientResponse, ApiError> {
+    pub async fn forward(&self, to: NodeId, req: ClientRequest) -> Result<ClientResponse, ApiError> {
         let addrs = self.addrs_of(&to);
         self.peers
             .call(&to, &addrs, &req, RPC_TIMEOUT)
@@ -293,12 +255,7 @@ impl Node {
         Self::start_inner(cfg, dir, key, id).instrument(span).await
     }
 
-    async fn start_inner(
-        cfg: NodeConfig,
-        dir: DataDir,
-        key: iroh::SecretKey,
-        id: NodeId,
-    ) -> Result<Node, StartError> {
+    async fn start_inner(cfg: NodeConfig, dir: DataDir, key: iroh::SecretKey, id: NodeId) -> Result<Node, StartError> {
         let mut local = LocalState::load(&dir.local_state()).map_err(StartError::LocalState)?;
         let (mut log_store, mut sm_store) =
             blixard_raft::storage::open(&dir.raft_db()).map_err(StartError::Storage)?;
@@ -311,42 +268,24 @@ impl Node {
         // the log whether this data dir was used.
         let is_member_already = {
             use openraft::storage::RaftLogStorage;
-            let log = log_store
-                .get_log_state()
-                .await
-                .map_err(|e| StartError::StorageRead(e.to_string()))?;
-            log.last_log_id.is_some()
-                || state
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .state
-                    .cluster_id
-                    .is_some()
+            let log = log_store.get_log_state().await.map_err(|e| StartError::StorageRead(e.to_string()))?;
+            log.last_log_id.is_some() || state.read().unwrap_or_else(|p| p.into_inner()).state.cluster_id.is_some()
         };
         match (&cfg.mode, is_member_already) {
             (StartMode::Init | StartMode::Join(_), true) => {
                 return Err(StartError::AlreadyMember(dir.path().display().to_string()))
             }
-            (StartMode::Join(t), false) if t.role == Role::Client => {
-                return Err(StartError::ClientTicket)
-            }
+            (StartMode::Join(t), false) if t.role == Role::Client => return Err(StartError::ClientTicket),
             _ => {}
         }
 
-        let listen = cfg
-            .listen
-            .or(local.listen)
-            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+        let listen = cfg.listen.or(local.listen).unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
         let lookup = blixard_mesh::MemoryLookup::new();
         let ep = endpoint::bind(endpoint::EndpointOptions {
             secret_key: key.clone(),
             listen,
             relay: cfg.relay.clone(),
-            alpns: alpn::ALL
-                .iter()
-                .chain([&blixard_images::ALPN])
-                .map(|a| a.to_vec())
-                .collect(),
+            alpns: alpn::ALL.iter().chain([&blixard_images::ALPN]).map(|a| a.to_vec()).collect(),
             lookup: Some(lookup.clone()),
         })
         .await?;
@@ -355,9 +294,7 @@ impl Node {
         if let StartMode::Join(t) = &cfg.mode {
             local.join_peers = t.peers.clone();
         }
-        local
-            .save(&dir.local_state())
-            .map_err(StartError::LocalState)?;
+        local.save(&dir.local_state()).map_err(StartError::LocalState)?;
         info!(addrs = ?addrs, "endpoint bound");
 
         let join_peers = Arc::new(RwLock::new(local.join_peers.clone()));
@@ -367,23 +304,14 @@ impl Node {
         };
         let network = Network::new(ep.clone(), book);
         let images = Arc::new(
-            crate::images::NodeImages::open(&dir.path().join("images"), ep.clone())
-                .await
-                .map_err(StartError::Images)?,
+            crate::images::NodeImages::open(&dir.path().join("images"), ep.clone()).await.map_err(StartError::Images)?,
         );
-        let capacity = blixard_vmm::Capacity {
-            vcpus: cfg.resources.cpus,
-            memory_mib: cfg.resources.memory_mib,
-        };
+        let capacity = blixard_vmm::Capacity { vcpus: cfg.resources.cpus, memory_mib: cfg.resources.memory_mib };
         let backends = Arc::new(
-            crate::executor::Backends::open(&dir.path().join("vmm"), capacity, cfg.backend)
-                .await
-                .map_err(StartError::Vmm)?,
+            crate::executor::Backends::open(&dir.path().join("vmm"), capacity, cfg.backend).await.map_err(StartError::Vmm)?,
         );
         let config = Arc::new(cfg.raft.clone());
-        let raft = Raft::new(id, config, network, log_store, sm_store)
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let raft = Raft::new(id, config, network, log_store, sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
 
         let ctx = NodeCtx {
             id,
@@ -411,88 +339,42 @@ impl Node {
                 }
                 // Not caught up yet: trust only the members the join ticket named (and
                 // the leader one of them redirected us to).
-                join_peers
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter()
-                    .any(|p| p.id == *key)
+                join_peers.read().unwrap_or_else(|p| p.into_inner()).iter().any(|p| p.id == *key)
             })
         };
         let clients: Authorizer = {
             let state = state.clone();
-            Arc::new(move |key| {
-                state
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .state
-                    .is_client(key)
-            })
+            Arc::new(move |key| state.read().unwrap_or_else(|p| p.into_inner()).state.is_client(key))
         };
-        let gossip = iroh_gossip::Gossip::builder()
-            .max_message_size(64 * 1024)
-            .spawn(ep.clone());
+        let gossip = iroh_gossip::Gossip::builder().max_message_size(64 * 1024).spawn(ep.clone());
         let router = Router::builder(ep.clone())
-            .accept(
-                alpn::GOSSIP,
-                Gate::new("gossip", members.clone(), gossip.clone()),
-            )
-            .accept(
-                alpn::RAFT,
-                Gate::new("raft", members.clone(), RaftService::new(raft.clone())),
-            )
-            .accept(
-                alpn::CLIENT,
-                Gate::new("client", clients, ClientService::new(ctx.clone())),
-            )
+            .accept(alpn::GOSSIP, Gate::new("gossip", members.clone(), gossip.clone()))
+            .accept(alpn::RAFT, Gate::new("raft", members.clone(), RaftService::new(raft.clone())))
+            .accept(alpn::CLIENT, Gate::new("client", clients, ClientService::new(ctx.clone())))
             .accept(alpn::JOIN, JoinService::new(ctx.clone()))
-            .accept(
-                blixard_images::ALPN,
-                Gate::new("blobs", members.clone(), images.store.protocol_handler()),
-            )
+            .accept(blixard_images::ALPN, Gate::new("blobs", members.clone(), images.store.protocol_handler()))
             .spawn();
 
         let mut tasks = vec![
-            tokio::spawn(crate::metrics::watch_leader(
-                ctx.clone(),
-                ctx.metrics.clone(),
-            ))
-            .abort_handle(),
-            tokio::spawn(crate::health::run(
-                ctx.clone(),
-                key,
-                gossip,
-                lookup,
-                ctx.liveness.clone(),
-            ))
-            .abort_handle(),
+            tokio::spawn(crate::metrics::watch_leader(ctx.clone(), ctx.metrics.clone())).abort_handle(),
+            tokio::spawn(crate::health::run(ctx.clone(), key, gossip, lookup, ctx.liveness.clone())).abort_handle(),
             tokio::spawn(crate::placer::run(ctx.clone())).abort_handle(),
-            tokio::spawn(crate::executor::Executor::new(ctx.clone(), images, backends).run())
-                .abort_handle(),
+            tokio::spawn(crate::executor::Executor::new(ctx.clone(), images, backends).run()).abort_handle(),
         ];
         if let Some(addr) = cfg.metrics {
             if let Some(listener) = crate::metrics::bind(addr).await {
                 let bound = listener.local_addr().ok();
                 info!(addr = ?bound, "serving metrics");
                 local.metrics = bound;
-                local
-                    .save(&dir.local_state())
-                    .map_err(StartError::LocalState)?;
-                tasks.push(
-                    tokio::spawn(crate::metrics::serve(listener, ctx.clone())).abort_handle(),
-                );
+                local.save(&dir.local_state()).map_err(StartError::LocalState)?;
+                tasks.push(tokio::spawn(crate::metrics::serve(listener, ctx.clone())).abort_handle());
             }
         } else if local.metrics.take().is_some() {
-            local
-                .save(&dir.local_state())
-                .map_err(StartError::LocalState)?;
+            local.save(&dir.local_state()).map_err(StartError::LocalState)?;
         }
         let node = Node { ctx, router, tasks };
         let is_join = matches!(cfg.mode, StartMode::Join(_));
-        let info = NodeInfo {
-            addrs,
-            resources: with_disk(cfg.resources, dir.path()),
-            labels: cfg.labels.clone(),
-        };
+        let info = NodeInfo { addrs, resources: with_disk(cfg.resources, dir.path()), labels: cfg.labels.clone() };
         let setup = match cfg.mode {
             StartMode::Init => node.bootstrap(info, &dir).await,
             StartMode::Join(ticket) => node.join(ticket, info).await,
@@ -514,26 +396,11 @@ impl Node {
     async fn bootstrap(&self, info: NodeInfo, dir: &DataDir) -> Result<(), StartError> {
         let ctx = &self.ctx;
         let mut members = BTreeMap::new();
-        members.insert(
-            ctx.id,
-            RaftNode {
-                addrs: info.addrs.clone(),
-            },
-        );
-        ctx.raft
-            .initialize(members)
-            .await
-            .map_err(|e| StartError::Bootstrap(e.to_string()))?;
+        members.insert(ctx.id, RaftNode { addrs: info.addrs.clone() });
+        ctx.raft.initialize(members).await.map_err(|e| StartError::Bootstrap(e.to_string()))?;
         let cluster_id = ClusterId(rand::random());
         let r = ctx
-            .propose(
-                ctx.id,
-                Command::Bootstrap {
-                    cluster_id,
-                    node: ctx.id,
-                    info,
-                },
-            )
+            .propose(ctx.id, Command::Bootstrap { cluster_id, node: ctx.id, info })
             .await
             .map_err(|e| StartError::Bootstrap(e.to_string()))?;
         if let CommandResult::Refused(r) = r {
@@ -543,12 +410,8 @@ impl Node {
         let ticket = crate::client_api::issue_ticket(ctx, ctx.id, Role::Client, u64::MAX)
             .await
             .map_err(|e| StartError::Bootstrap(e.to_string()))?;
-        write_atomic(&dir.admin_ticket(), ticket.encode().as_bytes(), 0o600).map_err(|e| {
-            StartError::Bootstrap(format!(
-                "cannot write {}: {e}",
-                dir.admin_ticket().display()
-            ))
-        })?;
+        write_atomic(&dir.admin_ticket(), ticket.encode().as_bytes(), 0o600)
+            .map_err(|e| StartError::Bootstrap(format!("cannot write {}: {e}", dir.admin_ticket().display())))?;
         info!(%cluster_id, ticket = %dir.admin_ticket().display(), "cluster bootstrapped");
         Ok(())
     }
@@ -556,10 +419,7 @@ impl Node {
     async fn join(&self, ticket: Ticket, info: NodeInfo) -> Result<(), StartError> {
         let ctx = &self.ctx;
         let pool = Pool::new(ctx.endpoint.clone(), alpn::JOIN);
-        let req = JoinRequest::Node {
-            ticket: ticket.clone(),
-            info,
-        };
+        let req = JoinRequest::Node { ticket: ticket.clone(), info };
         let mut candidates: Vec<PeerAddr> = ticket.peers.clone();
         let mut errors = Vec::new();
         let mut hops = 0;
@@ -570,68 +430,38 @@ impl Node {
                 break;
             }
             // Joining can take as long as catching up the log.
-            match pool
-                .call::<_, JoinResponse>(&peer.id, &peer.addrs, &req, Duration::from_secs(60))
-                .await
-            {
+            match pool.call::<_, JoinResponse>(&peer.id, &peer.addrs, &req, Duration::from_secs(60)).await {
                 Ok(JoinResponse::Admitted { cluster_id, role }) => {
                     info!(%cluster_id, %role, "joined cluster");
                     return Ok(());
                 }
                 Ok(JoinResponse::Redirect { leader }) => {
-                    ctx.join_peers
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(leader.clone());
+                    ctx.join_peers.write().unwrap_or_else(|p| p.into_inner()).push(leader.clone());
                     candidates.insert(0, leader);
                 }
                 Ok(JoinResponse::Refused(reason)) => return Err(StartError::Join(reason)),
-                Ok(other) => {
-                    errors.push(format!("{}: unexpected answer {other:?}", peer.id.short()))
-                }
+                Ok(other) => errors.push(format!("{}: unexpected answer {other:?}", peer.id.short())),
                 Err(e) if e.is_refused() => return Err(StartError::Join(e.to_string())),
                 Err(e) => errors.push(e.to_string()),
             }
         }
-        Err(StartError::Join(format!(
-            "no member of the ticket answered: {}",
-            errors.join("; ")
-        )))
+        Err(StartError::Join(format!("no member of the ticket answered: {}", errors.join("; "))))
     }
 
     async fn resume(&self, info: NodeInfo, dir: &DataDir) -> Result<(), StartError> {
         let ctx = &self.ctx;
-        let initialized = ctx
-            .raft
-            .is_initialized()
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let initialized = ctx.raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))?;
         let known = ctx.cluster_id().is_some();
         if !initialized && !known {
             return Err(StartError::NotMember(dir.path().display().to_string()));
         }
         // If we restarted on other addresses, tell the cluster (in the background: it
         // needs a leader, which may need us).
-        let recorded = ctx
-            .state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .state
-            .nodes
-            .get(&ctx.id)
-            .map(|n| n.addrs.clone());
+        let recorded = ctx.state.read().unwrap_or_else(|p| p.into_inner()).state.nodes.get(&ctx.id).map(|n| n.addrs.clone());
         if recorded.is_some_and(|r| r != info.addrs) {
             let ctx = ctx.clone();
             tokio::spawn(async move {
-                let r = ctx
-                    .propose(
-                        ctx.id,
-                        Command::UpdateAddrs {
-                            node: ctx.id,
-                            addrs: info.addrs,
-                        },
-                    )
-                    .await;
+                let r = ctx.propose(ctx.id, Command::UpdateAddrs { node: ctx.id, addrs: info.addrs }).await;
                 if let Err(e) = r {
                     warn!(error = %e, "could not record new addresses");
                 }
@@ -667,26 +497,12 @@ impl Node {
 
 /// Addresses of a member from Raft state, falling back to the join ticket's members (the
 /// only ones known before this node has caught up).
-fn addrs_of(
-    state: &SharedState,
-    join_peers: &RwLock<Vec<PeerAddr>>,
-    id: &NodeId,
-) -> Vec<SocketAddr> {
-    if let Some(n) = state
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .state
-        .nodes
-        .get(id)
-    {
+fn addrs_of(state: &SharedState, join_peers: &RwLock<Vec<PeerAddr>>, id: &NodeId) -> Vec<SocketAddr> {
+    if let Some(n) = state.read().unwrap_or_else(|p| p.into_inner()).state.nodes.get(id) {
         return n.addrs.clone();
     }
     let peers = join_peers.read().unwrap_or_else(|p| p.into_inner());
-    peers
-        .iter()
-        .find(|p| p.id == *id)
-        .map(|p| p.addrs.clone())
-        .unwrap_or_default()
+    peers.iter().find(|p| p.id == *id).map(|p| p.addrs.clone()).unwrap_or_default()
 }
 
 /// Removes what a failed first join left behind (the empty raft store, the ticket's
@@ -709,17 +525,11 @@ fn create_private_dir(path: &std::path::Path) -> Result<(), StartError> {
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .map_err(|source| StartError::DataDir {
-            path: path.display().to_string(),
-            source,
-        })
+        .map_err(|source| StartError::DataDir { path: path.display().to_string(), source })
 }
 
 /// Fills in the disk capacity from the data dir's filesystem when not given.
-fn with_disk(
-    mut r: blixard_types::command::Resources,
-    dir: &std::path::Path,
-) -> blixard_types::command::Resources {
+fn with_disk(mut r: blixard_types::command::Resources, dir: &std::path::Path) -> blixard_types::command::Resources {
     if r.disk_gib == 0 {
         r.disk_gib = free_disk_gib(dir).unwrap_or(0);
     }

@@ -48,9 +48,7 @@ pub async fn run(ctx: NodeCtx) {
             tokio::time::sleep(wait).await;
         }
         last = std::time::Instant::now();
-        round(&ctx)
-            .instrument(tracing::info_span!("placement"))
-            .await;
+        round(&ctx).instrument(tracing::info_span!("placement")).await;
     }
 }
 
@@ -61,8 +59,7 @@ fn lost(ctx: &NodeCtx, node: &NodeId) -> bool {
         return false;
     }
     let d = ctx.liveness.lock().unwrap_or_else(|p| p.into_inner());
-    d.silent_for(node, std::time::Instant::now())
-        .is_some_and(|s| s >= crate::liveness::DEAD_AFTER + ctx.placement_grace)
+    d.silent_for(node, std::time::Instant::now()).is_some_and(|s| s >= crate::liveness::DEAD_AFTER + ctx.placement_grace)
 }
 
 /// One placement round: decided by [`blixard_state::ClusterState::plan_placements`], then

@@ -19,25 +19,13 @@ fn config(dir: &std::path::Path, mode: StartMode) -> NodeConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_joiner_catches_up_from_a_snapshot() {
     let root = tempfile::tempdir().expect("tempdir");
-    let a = Node::start(config(&root.path().join("a"), StartMode::Init))
-        .await
-        .expect("init");
+    let a = Node::start(config(&root.path().join("a"), StartMode::Init)).await.expect("init");
     let ctx = a.ctx().clone();
 
     // 100 writes: several snapshots, log purged behind them.
     for i in 0..100u32 {
         let set = BTreeMap::from([(format!("k{}", i % 7), i.to_string())]);
-        let r = ctx
-            .propose(
-                a.id(),
-                Command::SetLabels {
-                    node: a.id(),
-                    set,
-                    remove: vec![],
-                },
-            )
-            .await
-            .expect("write");
+        let r = ctx.propose(a.id(), Command::SetLabels { node: a.id(), set, remove: vec![] }).await.expect("write");
         assert_eq!(r, blixard_types::CommandResult::Ok);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -51,18 +39,11 @@ async fn late_joiner_catches_up_from_a_snapshot() {
         assert!(Instant::now() < deadline, "no snapshot/purge happened");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    eprintln!(
-        "snapshot at {}, purged up to {}",
-        purged.0.index, purged.1.index
-    );
+    eprintln!("snapshot at {}, purged up to {}", purged.0.index, purged.1.index);
 
     // A node joining now can only get the early entries from the snapshot.
-    let ticket = blixard_node::client_api::issue_ticket(&ctx, a.id(), Role::Voter, u64::MAX)
-        .await
-        .expect("ticket");
-    let b = Node::start(config(&root.path().join("b"), StartMode::Join(ticket)))
-        .await
-        .expect("join");
+    let ticket = blixard_node::client_api::issue_ticket(&ctx, a.id(), Role::Voter, u64::MAX).await.expect("ticket");
+    let b = Node::start(config(&root.path().join("b"), StartMode::Join(ticket))).await.expect("join");
     let want = ctx.state.read().expect("state").state.clone();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -74,10 +55,7 @@ async fn late_joiner_catches_up_from_a_snapshot() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let bm = b.ctx().raft.metrics().borrow().clone();
-    assert!(
-        bm.snapshot.is_some(),
-        "the joiner must have installed a snapshot"
-    );
+    assert!(bm.snapshot.is_some(), "the joiner must have installed a snapshot");
     assert_eq!(want.nodes[&a.id()].labels["k0"], "98");
 
     // Restart the joiner: the state comes back from its own snapshot and log.
@@ -86,9 +64,7 @@ async fn late_joiner_catches_up_from_a_snapshot() {
     // openraft's state-machine worker drops its store (and the redb lock) just after
     // `shutdown` returns; a new process would not care, a new node in this one does.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let b = Node::start(config(&root.path().join("b"), StartMode::Resume))
-        .await
-        .expect("resume");
+    let b = Node::start(config(&root.path().join("b"), StartMode::Resume)).await.expect("resume");
     assert_eq!(b.id(), b_id, "identity must survive a restart");
     let deadline = Instant::now() + Duration::from_secs(10);
     while b.ctx().state.read().expect("state").state != want {

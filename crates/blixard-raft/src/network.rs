@@ -13,13 +13,11 @@ use std::time::{Duration, Instant};
 use blixard_mesh::rpc::{self, Pool, RpcError};
 use iroh::endpoint::Connection;
 use iroh::protocol::{AcceptError, ProtocolHandler};
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{debug, Instrument};
@@ -56,19 +54,12 @@ pub struct PeerHealth {
 
 impl PeerHealth {
     fn record(&self, peer: NodeId) {
-        self.last_ok
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(peer, Instant::now());
+        self.last_ok.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, Instant::now());
     }
 
     /// How long ago `peer` last answered, if ever.
     pub fn since_last_ok(&self, peer: &NodeId) -> Option<Duration> {
-        self.last_ok
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(peer)
-            .map(|t| t.elapsed())
+        self.last_ok.lock().unwrap_or_else(|p| p.into_inner()).get(peer).map(|t| t.elapsed())
     }
 }
 
@@ -82,11 +73,7 @@ pub struct Network {
 
 impl Network {
     pub fn new(endpoint: iroh::Endpoint, addrs: AddrBook) -> Self {
-        Self {
-            pool: Pool::new(endpoint, blixard_mesh::alpn::RAFT),
-            addrs,
-            health: Default::default(),
-        }
+        Self { pool: Pool::new(endpoint, blixard_mesh::alpn::RAFT), addrs, health: Default::default() }
     }
 
     pub fn health(&self) -> Arc<PeerHealth> {
@@ -102,11 +89,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = NetworkClient;
 
     async fn new_client(&mut self, target: NodeId, node: &RaftNode) -> Self::Network {
-        NetworkClient {
-            net: self.clone(),
-            target,
-            fallback: node.addrs.clone(),
-        }
+        NetworkClient { net: self.clone(), target, fallback: node.addrs.clone() }
     }
 }
 
@@ -127,27 +110,21 @@ impl NetworkClient {
         if addrs.is_empty() {
             addrs = self.fallback.clone();
         }
-        let resp = self
-            .net
-            .pool
-            .call(&self.target, &addrs, &req, option.hard_ttl())
-            .await;
+        let resp = self.net.pool.call(&self.target, &addrs, &req, option.hard_ttl()).await;
         match resp {
             Ok(r) => {
                 self.net.health.record(self.target);
                 Ok(r)
             }
-            Err(
-                e @ (RpcError::Connect { .. } | RpcError::NoAddress(_) | RpcError::Refused { .. }),
-            ) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(e @ (RpcError::Connect { .. } | RpcError::NoAddress(_) | RpcError::Refused { .. })) => {
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
         }
     }
 
     fn unexpected<E: std::error::Error>() -> RPCError<NodeId, RaftNode, E> {
-        RPCError::Network(NetworkError::new(&std::io::Error::other(
-            "unexpected response kind",
-        )))
+        RPCError::Network(NetworkError::new(&std::io::Error::other("unexpected response kind")))
     }
 }
 
@@ -158,9 +135,7 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, RaftNode, RaftError<NodeId>>> {
         match self.call(RaftRpc::Append(rpc), &option).await? {
-            RaftRpcResponse::Append(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            RaftRpcResponse::Append(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(Self::unexpected()),
         }
     }
@@ -169,14 +144,10 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, RaftNode, RaftError<NodeId, InstallSnapshotError>>,
-    > {
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, RaftNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
         match self.call(RaftRpc::Snapshot(rpc), &option).await? {
-            RaftRpcResponse::Snapshot(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            RaftRpcResponse::Snapshot(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(Self::unexpected()),
         }
     }
@@ -187,9 +158,7 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, RaftNode, RaftError<NodeId>>> {
         match self.call(RaftRpc::Vote(rpc), &option).await? {
-            RaftRpcResponse::Vote(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            RaftRpcResponse::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(Self::unexpected()),
         }
     }
@@ -197,10 +166,7 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
     fn backoff(&self) -> openraft::network::Backoff {
         // Retry an unreachable peer quickly at first (it may be restarting), then settle.
         openraft::network::Backoff::new(
-            [50u64, 100, 200, 400]
-                .into_iter()
-                .chain(std::iter::repeat(500))
-                .map(Duration::from_millis),
+            [50u64, 100, 200, 400].into_iter().chain(std::iter::repeat(500)).map(Duration::from_millis),
         )
     }
 }
@@ -262,21 +228,14 @@ mod tests {
 
     #[test]
     fn raft_rpc_round_trips() {
-        let vote = VoteRequest {
-            vote: openraft::Vote::new(3, NodeId([1; 32])),
-            last_log_id: None,
-        };
+        let vote = VoteRequest { vote: openraft::Vote::new(3, NodeId([1; 32])), last_log_id: None };
         let bytes = blixard_types::frame::encode(&RaftRpc::Vote(vote.clone())).expect("encode");
         let back: RaftRpc = blixard_types::frame::decode(&bytes[4..]).expect("decode");
         assert!(matches!(back, RaftRpc::Vote(v) if v == vote));
         // Errors survive the wire too (a follower's refusal must reach the leader intact).
-        let err: RaftRpcResponse =
-            RaftRpcResponse::Vote(Err(RaftError::Fatal(openraft::error::Fatal::Stopped)));
+        let err: RaftRpcResponse = RaftRpcResponse::Vote(Err(RaftError::Fatal(openraft::error::Fatal::Stopped)));
         let bytes = blixard_types::frame::encode(&err).expect("encode");
         let back: RaftRpcResponse = blixard_types::frame::decode(&bytes[4..]).expect("decode");
-        assert!(matches!(
-            back,
-            RaftRpcResponse::Vote(Err(RaftError::Fatal(_)))
-        ));
+        assert!(matches!(back, RaftRpcResponse::Vote(Err(RaftError::Fatal(_)))));
     }
 }

@@ -145,9 +145,7 @@ impl Action {
 
 /// The delay before restart number `n` (1-based).
 pub fn backoff_ms(n: u32) -> u64 {
-    BASE_BACKOFF_MS
-        .saturating_mul(1u64 << n.saturating_sub(1).min(16))
-        .min(MAX_BACKOFF_MS)
+    BASE_BACKOFF_MS.saturating_mul(1u64 << n.saturating_sub(1).min(16)).min(MAX_BACKOFF_MS)
 }
 
 /// Decides the actions for this round. `memory` is updated for decisions that need
@@ -201,11 +199,7 @@ fn plan_one(name: &str, w: &Wanted, o: &Observed, m: &mut Memory, now: u64, out:
     // A user's new start clears a failure streak (the state machine moves a failed VM
     // back to pending when it is started again).
     if w.desired == Desired::Running && w.recorded.state == VmState::Pending && m.gave_up {
-        *m = Memory {
-            image: m.image.clone(),
-            reboots_done: m.reboots_done,
-            ..Memory::default()
-        };
+        *m = Memory { image: m.image.clone(), reboots_done: m.reboots_done, ..Memory::default() };
     }
     match w.desired {
         Desired::Stopped => {
@@ -259,10 +253,7 @@ fn plan_one(name: &str, w: &Wanted, o: &Observed, m: &mut Memory, now: u64, out:
                     out.push(Action::Start(n()));
                     push_report(report(VmState::Starting, m, false), out);
                 }
-                Some(Local::Stopped)
-                    if m.stopped_on_purpose
-                        || w.recorded.state == VmState::Stopped && m.restarts == 0 =>
-                {
+                Some(Local::Stopped) if m.stopped_on_purpose || w.recorded.state == VmState::Stopped && m.restarts == 0 => {
                     // Stopped by us (or before): start as asked.
                     m.stopped_on_purpose = false;
                     out.push(Action::Start(n()));
@@ -280,11 +271,7 @@ fn plan_one(name: &str, w: &Wanted, o: &Observed, m: &mut Memory, now: u64, out:
                         m.last_error = o.error.clone();
                     }
                     if !restart {
-                        let state = if failed {
-                            VmState::Failed
-                        } else {
-                            VmState::Stopped
-                        };
+                        let state = if failed { VmState::Failed } else { VmState::Stopped };
                         push_report(report(state, m, false), out);
                     } else if m.next_restart_ms != 0 {
                         // A restart is scheduled: wait out the backoff.

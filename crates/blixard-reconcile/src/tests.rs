@@ -18,48 +18,22 @@ fn spec(policy: RestartPolicy) -> VmSpec {
 }
 
 fn recorded(state: VmState) -> VmReport {
-    VmReport {
-        state,
-        healthy: None,
-        error: None,
-        restarts: 0,
-        reboots_done: 0,
-        deleted: false,
-    }
+    VmReport { state, healthy: None, error: None, restarts: 0, reboots_done: 0, deleted: false }
 }
 
 fn wanted(desired: Desired, policy: RestartPolicy, rec: VmState) -> BTreeMap<String, Wanted> {
     BTreeMap::from([(
         "web".to_string(),
-        Wanted {
-            spec: spec(policy),
-            desired,
-            deleting: false,
-            reboots_requested: 0,
-            recorded: recorded(rec),
-        },
+        Wanted { spec: spec(policy), desired, deleting: false, reboots_requested: 0, recorded: recorded(rec) },
     )])
 }
 
 fn seen(local: Option<Local>) -> BTreeMap<String, Observed> {
-    BTreeMap::from([(
-        "web".to_string(),
-        Observed {
-            local,
-            healthy: None,
-            error: None,
-        },
-    )])
+    BTreeMap::from([("web".to_string(), Observed { local, healthy: None, error: None })])
 }
 
 fn ready() -> BTreeMap<String, Memory> {
-    BTreeMap::from([(
-        "web".to_string(),
-        Memory {
-            image: ImageState::Ready,
-            ..Default::default()
-        },
-    )])
+    BTreeMap::from([("web".to_string(), Memory { image: ImageState::Ready, ..Default::default() })])
 }
 
 fn ops(actions: &[Action]) -> Vec<&'static str> {
@@ -86,41 +60,21 @@ fn new_vm_fetches_then_creates_and_starts() {
     m.get_mut("web").expect("mem").image = ImageState::Ready;
     let a = plan(&w2, &BTreeMap::new(), &mut m, 2);
     assert_eq!(ops(&a), ["create", "start", "report"]);
-    let a = plan(
-        &wanted(Desired::Running, RestartPolicy::Always, VmState::Starting),
-        &seen(Some(Local::Running)),
-        &mut m,
-        3,
-    );
+    let a = plan(&wanted(Desired::Running, RestartPolicy::Always, VmState::Starting), &seen(Some(Local::Running)), &mut m, 3);
     assert_eq!(reported(&a), Some(VmState::Running));
     // Reported: a steady state needs no action.
-    assert!(plan(
-        &wanted(Desired::Running, RestartPolicy::Always, VmState::Running),
-        &seen(Some(Local::Running)),
-        &mut m,
-        4
-    )
-    .is_empty());
+    assert!(plan(&wanted(Desired::Running, RestartPolicy::Always, VmState::Running), &seen(Some(Local::Running)), &mut m, 4).is_empty());
 }
 
 #[test]
 fn image_failure_is_reported() {
     let w = wanted(Desired::Running, RestartPolicy::Always, VmState::Fetching);
-    let mut m = BTreeMap::from([(
-        "web".to_string(),
-        Memory {
-            image: ImageState::Failed("no provider".into()),
-            ..Default::default()
-        },
-    )]);
+    let mut m = BTreeMap::from([("web".to_string(), Memory { image: ImageState::Failed("no provider".into()), ..Default::default() })]);
     let a = plan(&w, &BTreeMap::new(), &mut m, 0);
     match &a[..] {
         [Action::Report(_, r)] => {
             assert_eq!(r.state, VmState::Failed);
-            assert!(r
-                .error
-                .as_deref()
-                .is_some_and(|e| e.contains("no provider")));
+            assert!(r.error.as_deref().is_some_and(|e| e.contains("no provider")));
         }
         other => panic!("{other:?}"),
     }
@@ -169,81 +123,36 @@ fn backoff_doubles_and_is_capped() {
 fn restart_policies() {
     // never: a crash is reported, not restarted.
     let mut m = ready();
-    let a = plan(
-        &wanted(Desired::Running, RestartPolicy::Never, VmState::Running),
-        &seen(Some(Local::Failed)),
-        &mut m,
-        0,
-    );
+    let a = plan(&wanted(Desired::Running, RestartPolicy::Never, VmState::Running), &seen(Some(Local::Failed)), &mut m, 0);
     assert_eq!(ops(&a), ["report"]);
     assert_eq!(reported(&a), Some(VmState::Failed));
     // on-failure: a clean power-off is not a failure.
     let mut m = ready();
-    let a = plan(
-        &wanted(Desired::Running, RestartPolicy::OnFailure, VmState::Running),
-        &seen(Some(Local::Stopped)),
-        &mut m,
-        0,
-    );
+    let a = plan(&wanted(Desired::Running, RestartPolicy::OnFailure, VmState::Running), &seen(Some(Local::Stopped)), &mut m, 0);
     assert_eq!(reported(&a), Some(VmState::Stopped));
     assert_eq!(m["web"].restarts, 0);
     // on-failure: a crash is.
     let mut m = ready();
-    plan(
-        &wanted(Desired::Running, RestartPolicy::OnFailure, VmState::Running),
-        &seen(Some(Local::Failed)),
-        &mut m,
-        0,
-    );
+    plan(&wanted(Desired::Running, RestartPolicy::OnFailure, VmState::Running), &seen(Some(Local::Failed)), &mut m, 0);
     assert_eq!(m["web"].restarts, 1);
 }
 
 #[test]
 fn stop_pause_resume_reboot() {
     let mut m = ready();
-    let a = plan(
-        &wanted(Desired::Stopped, RestartPolicy::Always, VmState::Running),
-        &seen(Some(Local::Running)),
-        &mut m,
-        0,
-    );
+    let a = plan(&wanted(Desired::Stopped, RestartPolicy::Always, VmState::Running), &seen(Some(Local::Running)), &mut m, 0);
     assert_eq!(ops(&a), ["stop"]);
     // Stopped on purpose: reported stopped, and not restarted.
-    let a = plan(
-        &wanted(Desired::Stopped, RestartPolicy::Always, VmState::Running),
-        &seen(Some(Local::Stopped)),
-        &mut m,
-        1,
-    );
+    let a = plan(&wanted(Desired::Stopped, RestartPolicy::Always, VmState::Running), &seen(Some(Local::Stopped)), &mut m, 1);
     assert_eq!(reported(&a), Some(VmState::Stopped));
     // Start again.
-    let a = plan(
-        &wanted(Desired::Running, RestartPolicy::Always, VmState::Stopped),
-        &seen(Some(Local::Stopped)),
-        &mut m,
-        2,
-    );
+    let a = plan(&wanted(Desired::Running, RestartPolicy::Always, VmState::Stopped), &seen(Some(Local::Stopped)), &mut m, 2);
     assert_eq!(ops(&a), ["start", "report"]);
-    let a = plan(
-        &wanted(Desired::Paused, RestartPolicy::Always, VmState::Running),
-        &seen(Some(Local::Running)),
-        &mut m,
-        3,
-    );
+    let a = plan(&wanted(Desired::Paused, RestartPolicy::Always, VmState::Running), &seen(Some(Local::Running)), &mut m, 3);
     assert_eq!(ops(&a), ["pause"]);
-    let a = plan(
-        &wanted(Desired::Paused, RestartPolicy::Always, VmState::Running),
-        &seen(Some(Local::Paused)),
-        &mut m,
-        4,
-    );
+    let a = plan(&wanted(Desired::Paused, RestartPolicy::Always, VmState::Running), &seen(Some(Local::Paused)), &mut m, 4);
     assert_eq!(reported(&a), Some(VmState::Paused));
-    let a = plan(
-        &wanted(Desired::Running, RestartPolicy::Always, VmState::Paused),
-        &seen(Some(Local::Paused)),
-        &mut m,
-        5,
-    );
+    let a = plan(&wanted(Desired::Running, RestartPolicy::Always, VmState::Paused), &seen(Some(Local::Paused)), &mut m, 5);
     assert_eq!(ops(&a), ["resume"]);
     // One reboot per request.
     let mut w = wanted(Desired::Running, RestartPolicy::Always, VmState::Running);
@@ -259,10 +168,7 @@ fn delete_and_fencing() {
     let mut m = ready();
     let mut w = wanted(Desired::Stopped, RestartPolicy::Always, VmState::Running);
     w.get_mut("web").expect("vm").deleting = true;
-    assert_eq!(
-        ops(&plan(&w, &seen(Some(Local::Running)), &mut m, 0)),
-        ["remove"]
-    );
+    assert_eq!(ops(&plan(&w, &seen(Some(Local::Running)), &mut m, 0)), ["remove"]);
     let a = plan(&w, &BTreeMap::new(), &mut m, 1);
     assert!(matches!(&a[..], [Action::Report(_, r)] if r.deleted));
     // A VM this node has but the cluster placed elsewhere (or forgot) is removed here.
@@ -326,23 +232,13 @@ fn failed_create_waits_out_the_backoff_then_gives_up() {
     let w = wanted(Desired::Running, RestartPolicy::Always, VmState::Starting);
     let mut now = 1_000;
     for n in 1..MAX_RESTARTS {
-        m.get_mut("web")
-            .expect("vm")
-            .record_failure("qemu not found".into(), now);
+        m.get_mut("web").expect("vm").record_failure("qemu not found".into(), now);
         let a = plan(&w, &seen(None), &mut m, now + backoff_ms(n) - 1);
-        assert!(
-            !ops(&a).contains(&"create"),
-            "attempt {n} before its backoff"
-        );
+        assert!(!ops(&a).contains(&"create"), "attempt {n} before its backoff");
         now += backoff_ms(n);
-        assert_eq!(
-            ops(&plan(&w, &seen(None), &mut m, now))[..2],
-            ["create", "start"]
-        );
+        assert_eq!(ops(&plan(&w, &seen(None), &mut m, now))[..2], ["create", "start"]);
     }
-    m.get_mut("web")
-        .expect("vm")
-        .record_failure("qemu not found".into(), now);
+    m.get_mut("web").expect("vm").record_failure("qemu not found".into(), now);
     let a = plan(&w, &seen(None), &mut m, now + 1_000_000);
     assert_eq!(reported(&a), Some(VmState::Failed));
     let err = a.iter().find_map(|x| match x {

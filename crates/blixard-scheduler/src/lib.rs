@@ -59,12 +59,7 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Self {
-            strategy: Strategy::Binpack,
-            cpu_overcommit_pct: 100,
-            memory_overcommit_pct: 100,
-            sample: None,
-        }
+        Self { strategy: Strategy::Binpack, cpu_overcommit_pct: 100, memory_overcommit_pct: 100, sample: None }
     }
 }
 
@@ -104,11 +99,7 @@ impl fmt::Display for Unschedulable {
             return f.write_str("no nodes in the cluster");
         }
         f.write_str("no node fits: ")?;
-        let parts: Vec<String> = self
-            .reasons
-            .iter()
-            .map(|(r, n)| format!("{r} ({n} nodes)"))
-            .collect();
+        let parts: Vec<String> = self.reasons.iter().map(|(r, n)| format!("{r} ({n} nodes)")).collect();
         f.write_str(&parts.join(", "))
     }
 }
@@ -122,11 +113,7 @@ pub fn fits(node: &NodeView, spec: &VmSpec, policy: &Policy) -> Result<(), Reaso
     if node.used.cpus as u64 + spec.vcpus as u64 > cpu_cap {
         return Err(Reason::Cpu);
     }
-    let mem_cap = node
-        .capacity
-        .memory_mib
-        .saturating_mul(policy.memory_overcommit_pct as u64)
-        / 100;
+    let mem_cap = node.capacity.memory_mib.saturating_mul(policy.memory_overcommit_pct as u64) / 100;
     if node.used.memory_mib.saturating_add(spec.memory_mib) > mem_cap {
         return Err(Reason::Memory);
     }
@@ -148,34 +135,16 @@ pub fn fits(node: &NodeView, spec: &VmSpec, policy: &Policy) -> Result<(), Reaso
 
 /// How good a feasible node is (higher is better).
 fn score(node: &NodeView, spec: &VmSpec, policy: &Policy) -> f64 {
-    let frac = |used: u64, add: u64, cap: u64| {
-        if cap == 0 {
-            1.0
-        } else {
-            (used + add) as f64 / cap as f64
-        }
-    };
-    let cpu = frac(
-        node.used.cpus as u64,
-        spec.vcpus as u64,
-        node.capacity.cpus as u64,
-    );
-    let mem = frac(
-        node.used.memory_mib,
-        spec.memory_mib,
-        node.capacity.memory_mib,
-    );
+    let frac = |used: u64, add: u64, cap: u64| if cap == 0 { 1.0 } else { (used + add) as f64 / cap as f64 };
+    let cpu = frac(node.used.cpus as u64, spec.vcpus as u64, node.capacity.cpus as u64);
+    let mem = frac(node.used.memory_mib, spec.memory_mib, node.capacity.memory_mib);
     let fill = (cpu + mem) / 2.0;
     let fit = match policy.strategy {
         Strategy::Binpack => fill,
         Strategy::Spread => 1.0 - fill,
     };
     // Holding the image saves a fetch: worth a quarter of a node's fill.
-    let local = if node.images.contains(&spec.image) {
-        0.25
-    } else {
-        0.0
-    };
+    let local = if node.images.contains(&spec.image) { 0.25 } else { 0.0 };
     fit + local
 }
 
@@ -191,12 +160,7 @@ pub fn charge(node: &mut NodeView, spec: &VmSpec) {
 }
 
 /// Chooses a node for `spec`.
-pub fn place(
-    nodes: &[NodeView],
-    spec: &VmSpec,
-    policy: &Policy,
-    salt: u64,
-) -> Result<NodeId, Unschedulable> {
+pub fn place(nodes: &[NodeView], spec: &VmSpec, policy: &Policy, salt: u64) -> Result<NodeId, Unschedulable> {
     let n = nodes.len();
     let mut best: Option<(f64, NodeId)> = None;
     let mut feasible = 0usize;

@@ -5,11 +5,7 @@ use proptest::prelude::{any, prop_assert, prop_assert_eq, proptest};
 fn node(i: u8, cpus: u32, mem: u64) -> NodeView {
     NodeView {
         id: NodeId([i; 32]),
-        capacity: Resources {
-            cpus,
-            memory_mib: mem,
-            disk_gib: 100,
-        },
+        capacity: Resources { cpus, memory_mib: mem, disk_gib: 100 },
         schedulable: true,
         ..Default::default()
     }
@@ -33,19 +29,12 @@ fn spec(vcpus: u32, mem: u64) -> VmSpec {
 #[test]
 fn binpack_fills_the_fullest_spread_the_emptiest() {
     let mut a = node(1, 8, 8192);
-    a.used = Resources {
-        cpus: 6,
-        memory_mib: 6000,
-        disk_gib: 0,
-    };
+    a.used = Resources { cpus: 6, memory_mib: 6000, disk_gib: 0 };
     let b = node(2, 8, 8192);
     let nodes = [a, b];
     let p = Policy::default();
     assert_eq!(place(&nodes, &spec(1, 512), &p, 0), Ok(NodeId([1; 32])));
-    let p = Policy {
-        strategy: Strategy::Spread,
-        ..Policy::default()
-    };
+    let p = Policy { strategy: Strategy::Spread, ..Policy::default() };
     assert_eq!(place(&nodes, &spec(1, 512), &p, 0), Ok(NodeId([2; 32])));
 }
 
@@ -62,34 +51,16 @@ fn filters_report_reasons() {
     assert_eq!(err.reasons[&Reason::NotSchedulable], 1);
     assert_eq!(err.reasons[&Reason::Cpu], 1);
     assert_eq!(err.reasons[&Reason::Constraint("zone=a".into())], 1);
-    assert!(
-        err.to_string().contains("not enough free vCPUs (1 nodes)"),
-        "{err}"
-    );
-    assert_eq!(
-        place(&[], &s, &Policy::default(), 0)
-            .expect_err("empty")
-            .to_string(),
-        "no nodes in the cluster"
-    );
+    assert!(err.to_string().contains("not enough free vCPUs (1 nodes)"), "{err}");
+    assert_eq!(place(&[], &s, &Policy::default(), 0).expect_err("empty").to_string(), "no nodes in the cluster");
 }
 
 #[test]
 fn overcommit_anti_affinity_and_image_locality() {
     let mut a = node(1, 2, 1024);
-    a.used = Resources {
-        cpus: 2,
-        memory_mib: 0,
-        disk_gib: 0,
-    };
-    assert_eq!(
-        place(&[a.clone()], &spec(1, 64), &Policy::default(), 0).map_err(|e| e.reasons),
-        Err([(Reason::Cpu, 1)].into())
-    );
-    let p = Policy {
-        cpu_overcommit_pct: 200,
-        ..Policy::default()
-    };
+    a.used = Resources { cpus: 2, memory_mib: 0, disk_gib: 0 };
+    assert_eq!(place(&[a.clone()], &spec(1, 64), &Policy::default(), 0).map_err(|e| e.reasons), Err([(Reason::Cpu, 1)].into()));
+    let p = Policy { cpu_overcommit_pct: 200, ..Policy::default() };
     assert_eq!(place(&[a.clone()], &spec(1, 64), &p, 0), Ok(a.id));
 
     let mut g = node(1, 8, 8192);
@@ -97,28 +68,19 @@ fn overcommit_anti_affinity_and_image_locality() {
     let h = node(2, 8, 8192);
     let mut s = spec(1, 64);
     s.anti_affinity = Some("db".into());
-    assert_eq!(
-        place(&[g, h], &s, &Policy::default(), 0),
-        Ok(NodeId([2; 32]))
-    );
+    assert_eq!(place(&[g, h], &s, &Policy::default(), 0), Ok(NodeId([2; 32])));
 
     // Equal nodes: the one holding the image wins over the id tie-break.
     let x = node(1, 8, 8192);
     let mut y = node(2, 8, 8192);
     y.images.insert("img".into());
-    assert_eq!(
-        place(&[x, y], &spec(1, 64), &Policy::default(), 0),
-        Ok(NodeId([2; 32]))
-    );
+    assert_eq!(place(&[x, y], &spec(1, 64), &Policy::default(), 0), Ok(NodeId([2; 32])));
 }
 
 #[test]
 fn sampling_scores_a_bounded_number_of_nodes() {
     let nodes: Vec<NodeView> = (0..100).map(|i| node(i, 8, 8192)).collect();
-    let p = Policy {
-        sample: Some(3),
-        ..Policy::default()
-    };
+    let p = Policy { sample: Some(3), ..Policy::default() };
     // Different salts start at different nodes; same salt, same answer.
     let a = place(&nodes, &spec(1, 64), &p, 10).expect("fits");
     let b = place(&nodes, &spec(1, 64), &p, 10).expect("fits");

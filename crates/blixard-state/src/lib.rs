@@ -8,10 +8,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use blixard_scheduler::{NodeView, Policy};
-use blixard_types::command::{validate_label, NodeInfo, Refusal, Resources};
 use blixard_types::image::{is_full_hash, validate_image_name, ImageKind, MIN_HASH_PREFIX};
+use blixard_types::command::{validate_label, NodeInfo, Refusal, Resources};
 use blixard_types::ticket::ticket_id;
+use blixard_scheduler::{NodeView, Policy};
 use blixard_types::vm::{Desired, VmReport, VmSpec, VmState};
 use blixard_types::{ClusterId, Command, CommandResult, NodeId, Request, Role};
 use serde::{Deserialize, Serialize};
@@ -190,12 +190,7 @@ impl ClusterState {
     }
 
     /// Checks that `hash` names a ticket usable for `requested` at `at_ms`.
-    pub fn check_ticket(
-        &self,
-        hash: &[u8; 32],
-        requested: Role,
-        at_ms: u64,
-    ) -> Result<&TicketRecord, Refusal> {
+    pub fn check_ticket(&self, hash: &[u8; 32], requested: Role, at_ms: u64) -> Result<&TicketRecord, Refusal> {
         let t = self.tickets.get(hash).ok_or(Refusal::UnknownTicket)?;
         if t.revoked {
             return Err(Refusal::TicketRevoked);
@@ -204,10 +199,7 @@ impl ClusterState {
             return Err(Refusal::TicketExpired);
         }
         if t.role != requested {
-            return Err(Refusal::RoleMismatch {
-                granted: t.role,
-                requested,
-            });
+            return Err(Refusal::RoleMismatch { granted: t.role, requested });
         }
         Ok(t)
     }
@@ -215,10 +207,7 @@ impl ClusterState {
     /// The scheduler's view of every member from Raft state alone: capacity, what placed
     /// VMs use, labels, drain. Liveness (from gossip) is the caller's: `alive`.
     pub fn node_views(&self, alive: impl Fn(&NodeId) -> bool) -> Vec<NodeView> {
-        self.nodes
-            .keys()
-            .filter_map(|id| self.node_view(id, alive(id)))
-            .collect()
+        self.nodes.keys().filter_map(|id| self.node_view(id, alive(id))).collect()
     }
 
     /// One member's scheduler view.
@@ -230,13 +219,9 @@ impl ClusterState {
             labels: n.labels.clone(),
             capacity: n.resources,
             used: usage.map(|u| u.used).unwrap_or_default(),
-            images: usage
-                .map(|u| u.images.keys().cloned().collect())
-                .unwrap_or_default(),
+            images: usage.map(|u| u.images.keys().cloned().collect()).unwrap_or_default(),
             schedulable: alive && !self.drained.contains(id),
-            groups: usage
-                .map(|u| u.groups.keys().cloned().collect())
-                .unwrap_or_default(),
+            groups: usage.map(|u| u.groups.keys().cloned().collect()).unwrap_or_default(),
         })
     }
 
@@ -354,9 +339,7 @@ impl ClusterState {
 
     /// VMs that need a placement: not deleting, and not placed on a current member.
     pub fn unplaced(&self) -> impl Iterator<Item = (&String, &VmRecord)> {
-        self.vms
-            .iter()
-            .filter(|(_, v)| !v.deleting && v.node.is_none_or(|n| !self.nodes.contains_key(&n)))
+        self.vms.iter().filter(|(_, v)| !v.deleting && v.node.is_none_or(|n| !self.nodes.contains_key(&n)))
     }
 
     /// Resolves an image reference: a name, a full hash, or a unique hash prefix of at least
@@ -369,10 +352,7 @@ impl ClusterState {
             return Ok(reference.to_string());
         }
         if reference.len() >= MIN_HASH_PREFIX && reference.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let mut hits = self
-                .images
-                .range(reference.to_string()..)
-                .take_while(|(h, _)| h.starts_with(reference));
+            let mut hits = self.images.range(reference.to_string()..).take_while(|(h, _)| h.starts_with(reference));
             return match (hits.next(), hits.next()) {
                 (Some((h, _)), None) => Ok(h.clone()),
                 (Some(_), Some(_)) => Err(Refusal::AmbiguousImage(reference.to_string())),
@@ -384,10 +364,7 @@ impl ClusterState {
 
     /// VMs whose image is `hash`.
     pub fn vms_using_image<'a>(&'a self, hash: &'a str) -> impl Iterator<Item = &'a String> + 'a {
-        self.vms
-            .iter()
-            .filter(move |(_, v)| v.spec.image == hash)
-            .map(|(n, _)| n)
+        self.vms.iter().filter(move |(_, v)| v.spec.image == hash).map(|(n, _)| n)
     }
 
     /// Applies one request. Deterministic; a refusal changes nothing.
@@ -404,11 +381,7 @@ impl ClusterState {
             return Err(Refusal::NotBootstrapped);
         }
         match &req.cmd {
-            Command::Bootstrap {
-                cluster_id,
-                node,
-                info,
-            } => {
+            Command::Bootstrap { cluster_id, node, info } => {
                 if self.cluster_id.is_some() {
                     return Err(Refusal::AlreadyBootstrapped);
                 }
@@ -416,11 +389,7 @@ impl ClusterState {
                 self.cluster_id = Some(*cluster_id);
                 self.nodes.insert(*node, record(info, Role::Voter, at));
             }
-            Command::CreateTicket {
-                secret_hash,
-                role,
-                expires_at_ms,
-            } => {
+            Command::CreateTicket { secret_hash, role, expires_at_ms } => {
                 if self.tickets.contains_key(secret_hash) {
                     return Err(Refusal::DuplicateTicket);
                 }
@@ -443,12 +412,7 @@ impl ClusterState {
                     .ok_or_else(|| Refusal::UnknownTicketId(id.clone()))?;
                 t.1.revoked = true;
             }
-            Command::AdmitNode {
-                node,
-                info,
-                secret_hash,
-                role,
-            } => {
+            Command::AdmitNode { node, info, secret_hash, role } => {
                 if self.removed.contains(node) {
                     return Err(Refusal::NodeRemoved(*node));
                 }
@@ -468,10 +432,9 @@ impl ClusterState {
                     return Err(Refusal::NodeRemoved(*key));
                 }
                 self.check_ticket(secret_hash, Role::Client, at)?;
-                self.clients.entry(*key).or_insert(ClientRecord {
-                    authorized_at_ms: at,
-                    ticket_id: ticket_id(secret_hash),
-                });
+                self.clients
+                    .entry(*key)
+                    .or_insert(ClientRecord { authorized_at_ms: at, ticket_id: ticket_id(secret_hash) });
             }
             Command::RemoveNode { node } => {
                 if self.nodes.remove(node).is_none() && !self.clients.contains_key(node) {
@@ -481,43 +444,28 @@ impl ClusterState {
                 self.removed.insert(*node);
             }
             Command::UpdateAddrs { node, addrs } => {
-                let n = self
-                    .nodes
-                    .get_mut(node)
-                    .ok_or(Refusal::UnknownNode(*node))?;
+                let n = self.nodes.get_mut(node).ok_or(Refusal::UnknownNode(*node))?;
                 n.addrs = addrs.clone();
             }
             Command::SetLabels { node, set, remove } => {
                 validate_labels(set)?;
-                let n = self
-                    .nodes
-                    .get_mut(node)
-                    .ok_or(Refusal::UnknownNode(*node))?;
+                let n = self.nodes.get_mut(node).ok_or(Refusal::UnknownNode(*node))?;
                 for k in remove {
                     n.labels.remove(k);
                 }
-                n.labels
-                    .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+                n.labels.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
             }
             Command::CreateVm { spec, start } => {
-                spec.validate()
-                    .map_err(|e| Refusal::InvalidSpec(e.to_string()))?;
+                spec.validate().map_err(|e| Refusal::InvalidSpec(e.to_string()))?;
                 if self.vms.contains_key(&spec.name) {
                     return Err(Refusal::VmExists(spec.name.clone()));
                 }
                 let hash = self.resolve_image(&spec.image)?;
-                let desired = if *start {
-                    Desired::Running
-                } else {
-                    Desired::Stopped
-                };
+                let desired = if *start { Desired::Running } else { Desired::Stopped };
                 self.vms.insert(
                     spec.name.clone(),
                     VmRecord {
-                        spec: VmSpec {
-                            image: hash,
-                            ..spec.clone()
-                        },
+                        spec: VmSpec { image: hash, ..spec.clone() },
                         image_ref: spec.image.clone(),
                         desired,
                         deleting: false,
@@ -534,10 +482,7 @@ impl ClusterState {
                 );
             }
             Command::PlaceVm { name, node } => {
-                let vm = self
-                    .vms
-                    .get(name)
-                    .ok_or_else(|| Refusal::UnknownVm(name.clone()))?;
+                let vm = self.vms.get(name).ok_or_else(|| Refusal::UnknownVm(name.clone()))?;
                 if vm.deleting {
                     return Err(Refusal::VmDeleting(name.clone()));
                 }
@@ -546,9 +491,7 @@ impl ClusterState {
                 }
                 let spec = vm.spec.clone();
                 let old = vm.node;
-                let mut view = self
-                    .node_view(node, true)
-                    .ok_or(Refusal::UnknownNode(*node))?;
+                let mut view = self.node_view(node, true).ok_or(Refusal::UnknownNode(*node))?;
                 view.schedulable = true; // drain stops new placements at the leader, not moves
                 if old == Some(*node) {
                     // Re-placing onto the same node: its own share does not count twice.
@@ -557,12 +500,10 @@ impl ClusterState {
                     view.used = u.used;
                     view.groups = u.groups.keys().cloned().collect();
                 }
-                blixard_scheduler::fits(&view, &spec, &self.policy).map_err(|r| {
-                    Refusal::DoesNotFit {
-                        name: name.clone(),
-                        node: *node,
-                        reason: r.to_string(),
-                    }
+                blixard_scheduler::fits(&view, &spec, &self.policy).map_err(|r| Refusal::DoesNotFit {
+                    name: name.clone(),
+                    node: *node,
+                    reason: r.to_string(),
                 })?;
                 if let Some(o) = old {
                     self.usage.entry(o).or_default().release(&spec);
@@ -608,10 +549,7 @@ impl ClusterState {
                 let by = req.by;
                 let vm = self.vm_mut(name)?;
                 if vm.node != Some(by) {
-                    return Err(Refusal::NotHost {
-                        name: name.clone(),
-                        by,
-                    });
+                    return Err(Refusal::NotHost { name: name.clone(), by });
                 }
                 if report.deleted && vm.deleting {
                     let spec = vm.spec.clone();
@@ -625,31 +563,20 @@ impl ClusterState {
                 let vm = self.vm_mut(name)?;
                 vm.error = Some(format!("cannot place: {reason}"));
             }
-            Command::PublishImage {
-                hash,
-                size,
-                kind,
-                name,
-            } => {
+            Command::PublishImage { hash, size, kind, name } => {
                 if !is_full_hash(hash) {
-                    return Err(Refusal::InvalidImage(format!(
-                        "{:?} is not a full image hash",
-                        hash.chars().take(80).collect::<String>()
-                    )));
+                    return Err(Refusal::InvalidImage(format!("{:?} is not a full image hash", hash.chars().take(80).collect::<String>())));
                 }
                 if let Some(n) = name {
                     validate_image_name(n).map_err(Refusal::InvalidImage)?;
                 }
-                let rec = self
-                    .images
-                    .entry(hash.clone())
-                    .or_insert_with(|| ImageRecord {
-                        size: *size,
-                        kind: *kind,
-                        publisher: req.by,
-                        created_at_ms: at,
-                        names: BTreeSet::new(),
-                    });
+                let rec = self.images.entry(hash.clone()).or_insert_with(|| ImageRecord {
+                    size: *size,
+                    kind: *kind,
+                    publisher: req.by,
+                    created_at_ms: at,
+                    names: BTreeSet::new(),
+                });
                 if let Some(n) = name {
                     rec.names.insert(n.clone());
                     // A name points at one image: the newest push under it.
@@ -668,19 +595,11 @@ impl ClusterState {
                 }
                 let users: Vec<&String> = self.vms_using_image(hash).take(6).collect();
                 if !users.is_empty() {
-                    let mut vms = users
-                        .iter()
-                        .take(5)
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ");
+                    let mut vms = users.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
                     if users.len() > 5 {
                         vms.push_str(", ...");
                     }
-                    return Err(Refusal::ImageInUse {
-                        image: hash[..12].to_string(),
-                        vms,
-                    });
+                    return Err(Refusal::ImageInUse { image: hash[..12].to_string(), vms });
                 }
                 if let Some(rec) = self.images.remove(hash) {
                     for n in rec.names {
@@ -705,9 +624,7 @@ impl ClusterState {
 
 impl ClusterState {
     fn vm_mut(&mut self, name: &str) -> Result<&mut VmRecord, Refusal> {
-        self.vms
-            .get_mut(name)
-            .ok_or_else(|| Refusal::UnknownVm(name.to_string()))
+        self.vms.get_mut(name).ok_or_else(|| Refusal::UnknownVm(name.to_string()))
     }
 }
 

@@ -14,11 +14,7 @@ fn bootstrapped() -> ClusterState {
     let r = s.apply(&req(
         0,
         id(1),
-        Command::Bootstrap {
-            cluster_id: ClusterId([1; 16]),
-            node: id(1),
-            info: NodeInfo::default(),
-        },
+        Command::Bootstrap { cluster_id: ClusterId([1; 16]), node: id(1), info: NodeInfo::default() },
     ));
     assert_eq!(r, CommandResult::Ok);
     s
@@ -26,26 +22,13 @@ fn bootstrapped() -> ClusterState {
 
 fn ticket(s: &mut ClusterState, secret: u8, role: Role, expires: u64) -> [u8; 32] {
     let h = secret_hash(&[secret; 32]);
-    let r = s.apply(&req(
-        0,
-        id(1),
-        Command::CreateTicket {
-            secret_hash: h,
-            role,
-            expires_at_ms: expires,
-        },
-    ));
+    let r = s.apply(&req(0, id(1), Command::CreateTicket { secret_hash: h, role, expires_at_ms: expires }));
     assert_eq!(r, CommandResult::Ok);
     h
 }
 
 fn admit(node: NodeId, h: [u8; 32], role: Role) -> Command {
-    Command::AdmitNode {
-        node,
-        info: NodeInfo::default(),
-        secret_hash: h,
-        role,
-    }
+    Command::AdmitNode { node, info: NodeInfo::default(), secret_hash: h, role }
 }
 
 #[test]
@@ -58,11 +41,7 @@ fn nothing_applies_before_bootstrap_and_bootstrap_is_once() {
     let r = s.apply(&req(
         1,
         id(2),
-        Command::Bootstrap {
-            cluster_id: ClusterId([2; 16]),
-            node: id(2),
-            info: NodeInfo::default(),
-        },
+        Command::Bootstrap { cluster_id: ClusterId([2; 16]), node: id(2), info: NodeInfo::default() },
     ));
     assert_eq!(r, CommandResult::Refused(Refusal::AlreadyBootstrapped));
     assert_eq!(s, before);
@@ -76,52 +55,26 @@ fn ticket_rules() {
     let before = s.clone();
     assert_eq!(
         s.apply(&req(5, id(2), admit(id(2), h, Role::Learner))),
-        CommandResult::Refused(Refusal::RoleMismatch {
-            granted: Role::Voter,
-            requested: Role::Learner
-        })
+        CommandResult::Refused(Refusal::RoleMismatch { granted: Role::Voter, requested: Role::Learner })
     );
     assert_eq!(
-        s.apply(&req(
-            5,
-            id(2),
-            admit(id(2), secret_hash(&[8; 32]), Role::Voter)
-        )),
+        s.apply(&req(5, id(2), admit(id(2), secret_hash(&[8; 32]), Role::Voter))),
         CommandResult::Refused(Refusal::UnknownTicket)
     );
-    assert_eq!(
-        s.apply(&req(1000, id(2), admit(id(2), h, Role::Voter))),
-        CommandResult::Refused(Refusal::TicketExpired)
-    );
+    assert_eq!(s.apply(&req(1000, id(2), admit(id(2), h, Role::Voter))), CommandResult::Refused(Refusal::TicketExpired));
     assert_eq!(s, before);
     // A client ticket cannot admit a node, a node ticket cannot authorise a client.
     assert!(matches!(
-        s.apply(&req(
-            5,
-            id(9),
-            Command::AuthorizeClient {
-                key: id(9),
-                secret_hash: h
-            }
-        )),
+        s.apply(&req(5, id(9), Command::AuthorizeClient { key: id(9), secret_hash: h })),
         CommandResult::Refused(Refusal::RoleMismatch { .. })
     ));
     // Valid.
-    assert_eq!(
-        s.apply(&req(5, id(2), admit(id(2), h, Role::Voter))),
-        CommandResult::Ok
-    );
+    assert_eq!(s.apply(&req(5, id(2), admit(id(2), h, Role::Voter))), CommandResult::Ok);
     assert!(s.is_member(&id(2)));
     // Revoked.
     let tid = ticket_id(&h);
-    assert_eq!(
-        s.apply(&req(6, id(1), Command::RevokeTicket { id: tid })),
-        CommandResult::Ok
-    );
-    assert_eq!(
-        s.apply(&req(7, id(3), admit(id(3), h, Role::Voter))),
-        CommandResult::Refused(Refusal::TicketRevoked)
-    );
+    assert_eq!(s.apply(&req(6, id(1), Command::RevokeTicket { id: tid })), CommandResult::Ok);
+    assert_eq!(s.apply(&req(7, id(3), admit(id(3), h, Role::Voter))), CommandResult::Refused(Refusal::TicketRevoked));
     assert!(!s.is_member(&id(3)));
 }
 
@@ -129,53 +82,24 @@ fn ticket_rules() {
 fn removed_nodes_stay_out() {
     let mut s = bootstrapped();
     let h = ticket(&mut s, 7, Role::Voter, u64::MAX);
-    assert_eq!(
-        s.apply(&req(5, id(2), admit(id(2), h, Role::Voter))),
-        CommandResult::Ok
-    );
-    assert_eq!(
-        s.apply(&req(6, id(1), Command::RemoveNode { node: id(2) })),
-        CommandResult::Ok
-    );
+    assert_eq!(s.apply(&req(5, id(2), admit(id(2), h, Role::Voter))), CommandResult::Ok);
+    assert_eq!(s.apply(&req(6, id(1), Command::RemoveNode { node: id(2) })), CommandResult::Ok);
     assert!(!s.is_member(&id(2)));
     assert!(!s.is_client(&id(2)));
-    assert_eq!(
-        s.apply(&req(7, id(2), admit(id(2), h, Role::Voter))),
-        CommandResult::Refused(Refusal::NodeRemoved(id(2)))
-    );
+    assert_eq!(s.apply(&req(7, id(2), admit(id(2), h, Role::Voter))), CommandResult::Refused(Refusal::NodeRemoved(id(2))));
     let c = ticket(&mut s, 8, Role::Client, u64::MAX);
     assert_eq!(
-        s.apply(&req(
-            7,
-            id(2),
-            Command::AuthorizeClient {
-                key: id(2),
-                secret_hash: c
-            }
-        )),
+        s.apply(&req(7, id(2), Command::AuthorizeClient { key: id(2), secret_hash: c })),
         CommandResult::Refused(Refusal::NodeRemoved(id(2)))
     );
-    assert_eq!(
-        s.apply(&req(8, id(1), Command::RemoveNode { node: id(42) })),
-        CommandResult::Refused(Refusal::UnknownNode(id(42)))
-    );
+    assert_eq!(s.apply(&req(8, id(1), Command::RemoveNode { node: id(42) })), CommandResult::Refused(Refusal::UnknownNode(id(42))));
 }
 
 #[test]
 fn clients_are_authorised_but_not_members() {
     let mut s = bootstrapped();
     let c = ticket(&mut s, 8, Role::Client, u64::MAX);
-    assert_eq!(
-        s.apply(&req(
-            7,
-            id(5),
-            Command::AuthorizeClient {
-                key: id(5),
-                secret_hash: c
-            }
-        )),
-        CommandResult::Ok
-    );
+    assert_eq!(s.apply(&req(7, id(5), Command::AuthorizeClient { key: id(5), secret_hash: c })), CommandResult::Ok);
     assert!(s.is_client(&id(5)));
     assert!(!s.is_member(&id(5)));
 }
@@ -183,38 +107,16 @@ fn clients_are_authorised_but_not_members() {
 #[test]
 fn labels_set_remove_and_validate() {
     let mut s = bootstrapped();
-    let set = BTreeMap::from([
-        ("zone".to_string(), "a".to_string()),
-        ("gpu".to_string(), "yes".to_string()),
-    ]);
-    let cmd = Command::SetLabels {
-        node: id(1),
-        set,
-        remove: vec![],
-    };
+    let set = BTreeMap::from([("zone".to_string(), "a".to_string()), ("gpu".to_string(), "yes".to_string())]);
+    let cmd = Command::SetLabels { node: id(1), set, remove: vec![] };
     assert_eq!(s.apply(&req(1, id(1), cmd)), CommandResult::Ok);
-    let cmd = Command::SetLabels {
-        node: id(1),
-        set: BTreeMap::new(),
-        remove: vec!["gpu".into()],
-    };
+    let cmd = Command::SetLabels { node: id(1), set: BTreeMap::new(), remove: vec!["gpu".into()] };
     assert_eq!(s.apply(&req(2, id(1), cmd)), CommandResult::Ok);
-    assert_eq!(
-        s.nodes[&id(1)].labels,
-        BTreeMap::from([("zone".to_string(), "a".to_string())])
-    );
+    assert_eq!(s.nodes[&id(1)].labels, BTreeMap::from([("zone".to_string(), "a".to_string())]));
     let before = s.clone();
     let bad = BTreeMap::from([("bad key".to_string(), "x".to_string())]);
     assert!(matches!(
-        s.apply(&req(
-            3,
-            id(1),
-            Command::SetLabels {
-                node: id(1),
-                set: bad,
-                remove: vec![]
-            }
-        )),
+        s.apply(&req(3, id(1), Command::SetLabels { node: id(1), set: bad, remove: vec![] })),
         CommandResult::Refused(Refusal::InvalidLabel(_))
     ));
     assert_eq!(s, before);
@@ -229,10 +131,7 @@ fn resolve_prefix() {
     let mut b = [0x12; 32];
     b[1] = 0x35;
     for n in [NodeId(a), NodeId(b)] {
-        assert_eq!(
-            s.apply(&req(5, n, admit(n, h, Role::Voter))),
-            CommandResult::Ok
-        );
+        assert_eq!(s.apply(&req(5, n, admit(n, h, Role::Voter))), CommandResult::Ok);
     }
     assert_eq!(s.resolve_node("1234"), Ok(NodeId(a)));
     assert_eq!(s.resolve_node("12"), Err(ResolveError::Ambiguous));
@@ -297,8 +196,8 @@ mod prop {
 
 mod vms {
     use super::*;
-    use blixard_types::command::Resources;
     use blixard_types::vm::{Desired, RestartPolicy, VmReport, VmSpec, VmState};
+    use blixard_types::command::Resources;
     use proptest::prelude::*;
 
     fn spec(name: &str, vcpus: u32, mem: u64) -> VmSpec {
@@ -318,34 +217,10 @@ mod vms {
 
     fn with_capacity() -> ClusterState {
         let mut s = ClusterState::default();
-        let info = NodeInfo {
-            resources: Resources {
-                cpus: 4,
-                memory_mib: 4096,
-                disk_gib: 10,
-            },
-            ..Default::default()
-        };
-        s.apply(&req(
-            0,
-            id(1),
-            Command::Bootstrap {
-                cluster_id: ClusterId([1; 16]),
-                node: id(1),
-                info: info.clone(),
-            },
-        ));
+        let info = NodeInfo { resources: Resources { cpus: 4, memory_mib: 4096, disk_gib: 10 }, ..Default::default() };
+        s.apply(&req(0, id(1), Command::Bootstrap { cluster_id: ClusterId([1; 16]), node: id(1), info: info.clone() }));
         let h = ticket(&mut s, 7, Role::Voter, u64::MAX);
-        let r = s.apply(&req(
-            1,
-            id(2),
-            Command::AdmitNode {
-                node: id(2),
-                info,
-                secret_hash: h,
-                role: Role::Voter,
-            },
-        ));
+        let r = s.apply(&req(1, id(2), Command::AdmitNode { node: id(2), info, secret_hash: h, role: Role::Voter }));
         assert_eq!(r, CommandResult::Ok);
         let r = s.apply(&req(1, id(1), publish(&hash(1), "img")));
         assert_eq!(r, CommandResult::Ok);
@@ -357,12 +232,7 @@ mod vms {
     }
 
     fn publish(hash: &str, name: &str) -> Command {
-        Command::PublishImage {
-            hash: hash.into(),
-            size: 1,
-            kind: ImageKind::Bundle,
-            name: Some(name.into()),
-        }
+        Command::PublishImage { hash: hash.into(), size: 1, kind: ImageKind::Bundle, name: Some(name.into()) }
     }
 
     #[test]
@@ -370,14 +240,7 @@ mod vms {
         let mut s = with_capacity();
         // A VM's image is resolved to the hash at create: a later push under the name
         // does not change it.
-        ok(
-            &mut s,
-            id(1),
-            Command::CreateVm {
-                spec: spec("web", 1, 64),
-                start: true,
-            },
-        );
+        ok(&mut s, id(1), Command::CreateVm { spec: spec("web", 1, 64), start: true });
         assert_eq!(s.vms["web"].spec.image, hash(1));
         assert_eq!(s.vms["web"].image_ref, "img");
         ok(&mut s, id(1), publish(&hash(2), "img"));
@@ -388,64 +251,23 @@ mod vms {
         assert_eq!(s.resolve_image("img"), Ok(hash(2)));
         assert_eq!(s.resolve_image(&hash(1)), Ok(hash(1)));
         assert_eq!(s.resolve_image(&hash(1)[..8]), Ok(hash(1)));
-        assert!(matches!(
-            s.resolve_image("nope"),
-            Err(Refusal::UnknownImage(_))
-        ));
-        ok(
-            &mut s,
-            id(1),
-            Command::PublishImage {
-                hash: format!("0102{}", &hash(1)[4..]),
-                size: 1,
-                kind: ImageKind::Bundle,
-                name: None,
-            },
-        );
-        assert!(
-            matches!(s.resolve_image("0102"), Err(Refusal::UnknownImage(_))),
-            "short prefixes are not references"
-        );
+        assert!(matches!(s.resolve_image("nope"), Err(Refusal::UnknownImage(_))));
+        ok(&mut s, id(1), Command::PublishImage { hash: format!("0102{}", &hash(1)[4..]), size: 1, kind: ImageKind::Bundle, name: None });
+        assert!(matches!(s.resolve_image("0102"), Err(Refusal::UnknownImage(_))), "short prefixes are not references");
         assert_eq!(s.resolve_image("01010101"), Ok(hash(1)));
-        ok(
-            &mut s,
-            id(1),
-            Command::PublishImage {
-                hash: format!("01010101{}", "f".repeat(56)),
-                size: 1,
-                kind: ImageKind::Bundle,
-                name: None,
-            },
-        );
-        assert!(matches!(
-            s.resolve_image("01010101"),
-            Err(Refusal::AmbiguousImage(_))
-        ));
+        ok(&mut s, id(1), Command::PublishImage { hash: format!("01010101{}", "f".repeat(56)), size: 1, kind: ImageKind::Bundle, name: None });
+        assert!(matches!(s.resolve_image("01010101"), Err(Refusal::AmbiguousImage(_))));
         // Bad input is refused and changes nothing.
         let before = s.clone();
         for bad in [
-            Command::PublishImage {
-                hash: "abc".into(),
-                size: 1,
-                kind: ImageKind::Bundle,
-                name: None,
-            },
+            Command::PublishImage { hash: "abc".into(), size: 1, kind: ImageKind::Bundle, name: None },
             publish(&hash(3), "Bad Name"),
             publish(&hash(3), "deadbeef"),
             Command::RemoveImage { hash: hash(9) },
             Command::RemoveImage { hash: hash(1) },
-            Command::CreateVm {
-                spec: VmSpec {
-                    image: "nope".into(),
-                    ..spec("db", 1, 64)
-                },
-                start: true,
-            },
+            Command::CreateVm { spec: VmSpec { image: "nope".into(), ..spec("db", 1, 64) }, start: true },
         ] {
-            assert!(matches!(
-                s.apply(&req(11, id(1), bad)),
-                CommandResult::Refused(_)
-            ));
+            assert!(matches!(s.apply(&req(11, id(1), bad)), CommandResult::Refused(_)));
         }
         assert_eq!(s, before);
         assert!(matches!(
@@ -466,113 +288,43 @@ mod vms {
     }
 
     fn report(state: VmState, deleted: bool) -> VmReport {
-        VmReport {
-            state,
-            healthy: None,
-            error: None,
-            restarts: 0,
-            reboots_done: 0,
-            deleted,
-        }
+        VmReport { state, healthy: None, error: None, restarts: 0, reboots_done: 0, deleted }
     }
 
     #[test]
     fn lifecycle() {
         let mut s = with_capacity();
-        ok(
-            &mut s,
-            id(1),
-            Command::CreateVm {
-                spec: spec("web", 2, 1024),
-                start: true,
-            },
-        );
+        ok(&mut s, id(1), Command::CreateVm { spec: spec("web", 2, 1024), start: true });
         assert!(matches!(
-            s.apply(&req(
-                11,
-                id(1),
-                Command::CreateVm {
-                    spec: spec("web", 1, 64),
-                    start: true
-                }
-            )),
+            s.apply(&req(11, id(1), Command::CreateVm { spec: spec("web", 1, 64), start: true })),
             CommandResult::Refused(Refusal::VmExists(_))
         ));
         assert!(matches!(
-            s.apply(&req(
-                11,
-                id(1),
-                Command::CreateVm {
-                    spec: spec("Bad/name", 1, 64),
-                    start: true
-                }
-            )),
+            s.apply(&req(11, id(1), Command::CreateVm { spec: spec("Bad/name", 1, 64), start: true })),
             CommandResult::Refused(Refusal::InvalidSpec(_))
         ));
         assert_eq!(s.unplaced().count(), 1);
-        ok(
-            &mut s,
-            id(1),
-            Command::PlaceVm {
-                name: "web".into(),
-                node: id(2),
-            },
-        );
+        ok(&mut s, id(1), Command::PlaceVm { name: "web".into(), node: id(2) });
         assert_eq!(s.unplaced().count(), 0);
         assert_eq!(s.usage[&id(2)].used.cpus, 2);
         // Only the host may report.
         assert!(matches!(
-            s.apply(&req(
-                12,
-                id(1),
-                Command::ReportVm {
-                    name: "web".into(),
-                    report: report(VmState::Running, false)
-                }
-            )),
+            s.apply(&req(12, id(1), Command::ReportVm { name: "web".into(), report: report(VmState::Running, false) })),
             CommandResult::Refused(Refusal::NotHost { .. })
         ));
-        ok(
-            &mut s,
-            id(2),
-            Command::ReportVm {
-                name: "web".into(),
-                report: report(VmState::Running, false),
-            },
-        );
+        ok(&mut s, id(2), Command::ReportVm { name: "web".into(), report: report(VmState::Running, false) });
         assert_eq!(s.vms["web"].state, VmState::Running);
-        ok(
-            &mut s,
-            id(1),
-            Command::SetDesired {
-                name: "web".into(),
-                desired: Desired::Paused,
-            },
-        );
+        ok(&mut s, id(1), Command::SetDesired { name: "web".into(), desired: Desired::Paused });
         ok(&mut s, id(1), Command::RebootVm { name: "web".into() });
         assert_eq!(s.vms["web"].reboots_requested, 1);
         // Delete: stays until the host confirms, then its capacity is free again.
         ok(&mut s, id(1), Command::DeleteVm { name: "web".into() });
         assert!(s.vms["web"].deleting);
         assert!(matches!(
-            s.apply(&req(
-                13,
-                id(1),
-                Command::SetDesired {
-                    name: "web".into(),
-                    desired: Desired::Running
-                }
-            )),
+            s.apply(&req(13, id(1), Command::SetDesired { name: "web".into(), desired: Desired::Running })),
             CommandResult::Refused(Refusal::VmDeleting(_))
         ));
-        ok(
-            &mut s,
-            id(2),
-            Command::ReportVm {
-                name: "web".into(),
-                report: report(VmState::Stopped, true),
-            },
-        );
+        ok(&mut s, id(2), Command::ReportVm { name: "web".into(), report: report(VmState::Stopped, true) });
         assert!(!s.vms.contains_key("web"));
         assert_eq!(s.usage[&id(2)].used, Resources::default());
     }
@@ -580,69 +332,20 @@ mod vms {
     #[test]
     fn placement_is_checked_against_capacity() {
         let mut s = with_capacity();
-        ok(
-            &mut s,
-            id(1),
-            Command::CreateVm {
-                spec: spec("a", 3, 1024),
-                start: true,
-            },
-        );
-        ok(
-            &mut s,
-            id(1),
-            Command::CreateVm {
-                spec: spec("b", 2, 1024),
-                start: true,
-            },
-        );
-        ok(
-            &mut s,
-            id(1),
-            Command::PlaceVm {
-                name: "a".into(),
-                node: id(1),
-            },
-        );
+        ok(&mut s, id(1), Command::CreateVm { spec: spec("a", 3, 1024), start: true });
+        ok(&mut s, id(1), Command::CreateVm { spec: spec("b", 2, 1024), start: true });
+        ok(&mut s, id(1), Command::PlaceVm { name: "a".into(), node: id(1) });
         let before = s.clone();
         assert!(matches!(
-            s.apply(&req(
-                11,
-                id(1),
-                Command::PlaceVm {
-                    name: "b".into(),
-                    node: id(1)
-                }
-            )),
+            s.apply(&req(11, id(1), Command::PlaceVm { name: "b".into(), node: id(1) })),
             CommandResult::Refused(Refusal::DoesNotFit { .. })
         ));
         assert_eq!(s, before);
         // Moving a VM frees its old node.
-        ok(
-            &mut s,
-            id(1),
-            Command::PlaceVm {
-                name: "a".into(),
-                node: id(2),
-            },
-        );
-        ok(
-            &mut s,
-            id(1),
-            Command::PlaceVm {
-                name: "b".into(),
-                node: id(1),
-            },
-        );
+        ok(&mut s, id(1), Command::PlaceVm { name: "a".into(), node: id(2) });
+        ok(&mut s, id(1), Command::PlaceVm { name: "b".into(), node: id(1) });
         // Re-placing on the same node does not count it twice.
-        ok(
-            &mut s,
-            id(1),
-            Command::PlaceVm {
-                name: "a".into(),
-                node: id(2),
-            },
-        );
+        ok(&mut s, id(1), Command::PlaceVm { name: "a".into(), node: id(2) });
         assert_eq!(s.usage[&id(2)].used.cpus, 3);
     }
 

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::id::{ClusterId, NodeId};
-use crate::image::ImageKind;
 use crate::ticket::Role;
+use crate::image::ImageKind;
 use crate::vm::{Desired, VmReport, VmSpec};
 
 /// One log entry's payload: a command, who asked for it and when.
@@ -43,41 +43,21 @@ pub struct NodeInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// The first entry of a new cluster: its id and first member.
-    Bootstrap {
-        cluster_id: ClusterId,
-        node: NodeId,
-        info: NodeInfo,
-    },
+    Bootstrap { cluster_id: ClusterId, node: NodeId, info: NodeInfo },
     /// Records a ticket by the hash of its secret.
-    CreateTicket {
-        secret_hash: [u8; 32],
-        role: Role,
-        expires_at_ms: u64,
-    },
+    CreateTicket { secret_hash: [u8; 32], role: Role, expires_at_ms: u64 },
     /// Revokes the ticket whose id (see `ticket::ticket_id`) is given.
     RevokeTicket { id: String },
     /// Admits a node presenting a ticket; it becomes a member (learner, then voter).
-    AdmitNode {
-        node: NodeId,
-        info: NodeInfo,
-        secret_hash: [u8; 32],
-        role: Role,
-    },
+    AdmitNode { node: NodeId, info: NodeInfo, secret_hash: [u8; 32], role: Role },
     /// Authorises a CLI key presenting a client ticket.
     AuthorizeClient { key: NodeId, secret_hash: [u8; 32] },
     /// Removes a member for good: its key is refused from then on.
     RemoveNode { node: NodeId },
     /// A member's addresses changed (it restarted on another port).
-    UpdateAddrs {
-        node: NodeId,
-        addrs: Vec<SocketAddr>,
-    },
+    UpdateAddrs { node: NodeId, addrs: Vec<SocketAddr> },
     /// Adds, updates (`set`) and removes labels of a node.
-    SetLabels {
-        node: NodeId,
-        set: BTreeMap<String, String>,
-        remove: Vec<String>,
-    },
+    SetLabels { node: NodeId, set: BTreeMap<String, String>, remove: Vec<String> },
     /// Records a new VM (validated spec, unique name); `start` sets it desired running.
     CreateVm { spec: VmSpec, start: bool },
     /// Records where the leader placed a VM (checked again against capacity).
@@ -97,12 +77,7 @@ pub enum Command {
     PlacementFailed { name: String, reason: String },
     /// Records an image in the catalogue (after a member fetched and verified it); `name`,
     /// if given, now points at it.
-    PublishImage {
-        hash: String,
-        size: u64,
-        kind: ImageKind,
-        name: Option<String>,
-    },
+    PublishImage { hash: String, size: u64, kind: ImageKind, name: Option<String> },
     /// Removes an image (by full hash) and the names pointing at it; refused while a VM
     /// uses it.
     RemoveImage { hash: String },
@@ -175,11 +150,7 @@ pub enum Refusal {
     #[error("no VM named {0:?}")]
     UnknownVm(String),
     #[error("VM {name:?} does not fit on node {node}: {reason}")]
-    DoesNotFit {
-        name: String,
-        node: NodeId,
-        reason: String,
-    },
+    DoesNotFit { name: String, node: NodeId, reason: String },
     #[error("VM {0:?} is being deleted")]
     VmDeleting(String),
     #[error("node {by} does not host VM {name:?}")]
@@ -202,16 +173,13 @@ pub const MAX_LABEL_LEN: usize = 63;
 pub fn validate_label(key: &str, value: &str) -> Result<(), Refusal> {
     let key_ok = !key.is_empty()
         && key.len() <= MAX_LABEL_LEN
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
     if !key_ok {
         return Err(Refusal::InvalidLabel(format!(
             "key {key:?} must be 1-{MAX_LABEL_LEN} characters of letters, digits, '.', '_', '/', '-'"
         )));
     }
-    let value_ok =
-        value.len() <= MAX_LABEL_LEN && value.chars().all(|c| c.is_ascii_graphic() && c != '=');
+    let value_ok = value.len() <= MAX_LABEL_LEN && value.chars().all(|c| c.is_ascii_graphic() && c != '=');
     if !value_ok {
         return Err(Refusal::InvalidLabel(format!(
             "value {value:?} of {key:?} must be at most {MAX_LABEL_LEN} printable characters without '='"

@@ -56,9 +56,6 @@ mod tests {
 
     #[test]
     fn oversized_prefix_is_refused() {
-        assert!(matches!(
-            body_len(u32::MAX.to_be_bytes()),
-            Err(FrameError::TooLarge(_))
-        ));
+        assert!(matches!(body_len(u32::MAX.to_be_bytes()), Err(FrameError::TooLarge(_))));
     }
 }

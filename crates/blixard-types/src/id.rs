@@ -45,9 +45,7 @@ pub struct NodeIdParseError {
 impl FromStr for NodeId {
     type Err = NodeIdParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || NodeIdParseError {
-            input: s.chars().take(80).collect(),
-        };
+        let err = || NodeIdParseError { input: s.chars().take(80).collect() };
         let bytes = unhex(s).filter(|b| b.len() == 32).ok_or_else(err)?;
         let mut out = [0u8; 32];
         out.copy_from_slice(&bytes);
@@ -90,9 +88,7 @@ macro_rules! serde_as_hex {
                 if d.is_human_readable() {
                     let s = String::deserialize(d)?;
                     let v = unhex(&s).ok_or_else(|| serde::de::Error::custom("expected hex"))?;
-                    let arr: [u8; $n] = v
-                        .try_into()
-                        .map_err(|_| serde::de::Error::custom("wrong length"))?;
+                    let arr: [u8; $n] = v.try_into().map_err(|_| serde::de::Error::custom("wrong length"))?;
                     Ok($t(arr))
                 } else {
                     Ok($t(<[u8; $n]>::deserialize(d)?))
@@ -110,9 +106,7 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if !b.len().is_multiple_of(2) {
         return None;
     }
-    b.chunks_exact(2)
-        .map(|p| Some(hex_val(p[0])? << 4 | hex_val(p[1])?))
-        .collect()
+    b.chunks_exact(2).map(|p| Some(hex_val(p[0])? << 4 | hex_val(p[1])?)).collect()
 }
 
 /// Lowercase hex of `bytes`.

@@ -30,9 +30,7 @@ impl fmt::Display for ImageKind {
 
 /// True for a full image hash: 64 lowercase hex digits.
 pub fn is_full_hash(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Checks an image name: 1-63 characters of `a-z 0-9 - _ .`, starting with a letter or
@@ -40,9 +38,7 @@ pub fn is_full_hash(s: &str) -> bool {
 pub fn validate_image_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= MAX_IMAGE_NAME_LEN
-        && name.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
-        })
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
         && name.as_bytes()[0].is_ascii_alphanumeric();
     if !ok {
         return Err(format!(
@@ -51,9 +47,7 @@ pub fn validate_image_name(name: &str) -> Result<(), String> {
         ));
     }
     if name.len() >= MIN_HASH_PREFIX && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!(
-            "invalid image name {name:?}: it looks like a hash; add a letter outside a-f"
-        ));
+        return Err(format!("invalid image name {name:?}: it looks like a hash; add a letter outside a-f"));
     }
     Ok(())
 }

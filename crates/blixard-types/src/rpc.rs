@@ -39,108 +39,56 @@ pub enum ClientRequest {
     /// Cluster id, leader, term and members (a linearizable read).
     Status,
     /// Issues a ticket.
-    CreateTicket {
-        role: Role,
-        ttl_ms: u64,
-    },
+    CreateTicket { role: Role, ttl_ms: u64 },
     /// Revokes a ticket by id.
-    RevokeTicket {
-        id: String,
-    },
+    RevokeTicket { id: String },
     /// Removes a node (id or unique prefix).
-    RemoveNode {
-        node: String,
-    },
+    RemoveNode { node: String },
     /// Sets and removes labels of a node (id or unique prefix).
-    Label {
-        node: String,
-        set: BTreeMap<String, String>,
-        remove: Vec<String>,
-    },
+    Label { node: String, set: BTreeMap<String, String>, remove: Vec<String> },
     /// What one node itself knows (its own Raft view and applied state), answered by that
     /// node (forwarded to it if needed), not by the leader.
-    NodeStatus {
-        node: String,
-    },
+    NodeStatus { node: String },
     /// Fetches image `hash` from `provider` (the pushing CLI's endpoint), verifies it,
     /// keeps it, and records it in the catalogue (under `name`, if given). Answered by the
     /// node that receives it.
-    ImagePush {
-        hash: String,
-        name: Option<String>,
-        provider: PeerAddr,
-    },
+    ImagePush { hash: String, name: Option<String>, provider: PeerAddr },
     /// The image catalogue, with which nodes hold each image.
     ImageList,
     /// One image (a name, full hash or unique hash prefix).
-    ImageInfo {
-        reference: String,
-    },
+    ImageInfo { reference: String },
     /// Removes an image from the catalogue (refused while a VM uses it); every node then
     /// drops its copy.
-    ImageRemove {
-        reference: String,
-    },
+    ImageRemove { reference: String },
     /// Deletes, on `node` (or on every member if `None`), local image data that the
     /// catalogue no longer lists.
-    ImageGc {
-        node: Option<String>,
-    },
+    ImageGc { node: Option<String> },
     /// Fetches (from the nodes that hold it) and materialises an image on `node`.
-    ImagePull {
-        reference: String,
-        node: String,
-    },
+    ImagePull { reference: String, node: String },
     /// Records a VM (validated, image resolved) and lets the leader place it.
-    VmCreate {
-        spec: VmSpec,
-        start: bool,
-    },
+    VmCreate { spec: VmSpec, start: bool },
     /// Sets what a VM should be: running, paused or stopped.
-    VmSetDesired {
-        name: String,
-        desired: Desired,
-    },
-    VmReboot {
-        name: String,
-    },
-    VmDelete {
-        name: String,
-    },
-    VmInfo {
-        name: String,
-    },
+    VmSetDesired { name: String, desired: Desired },
+    VmReboot { name: String },
+    VmDelete { name: String },
+    VmInfo { name: String },
     VmList,
     /// Serial console bytes of a VM from `offset`, answered by its node.
-    VmLogs {
-        name: String,
-        offset: u64,
-        max_bytes: u32,
-    },
+    VmLogs { name: String, offset: u64, max_bytes: u32 },
     /// A drained node takes no new VMs and its VMs move away (`drain: false` undoes it).
-    NodeDrain {
-        node: String,
-        drain: bool,
-    },
+    NodeDrain { node: String, drain: bool },
     /// A member forwarding a proposal to the leader on behalf of `Request::by`.
     /// Accepted only from members.
     Propose(Request),
     /// A member forwarding a client request to the leader; answered as if `origin` had
     /// sent it. Accepted only from members.
-    Forwarded {
-        origin: NodeId,
-        request: Box<ClientRequest>,
-    },
+    Forwarded { origin: NodeId, request: Box<ClientRequest> },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ClientResponse {
     Status(ClusterStatus),
-    Ticket {
-        ticket: String,
-        id: String,
-        expires_at_ms: u64,
-    },
+    Ticket { ticket: String, id: String, expires_at_ms: u64 },
     Node(NodeStatus),
     Image(ImageInfo),
     Images(Vec<ImageInfo>),

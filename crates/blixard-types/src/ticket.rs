@@ -56,9 +56,7 @@ impl FromStr for Role {
             "voter" => Ok(Role::Voter),
             "learner" => Ok(Role::Learner),
             "client" => Ok(Role::Client),
-            other => Err(format!(
-                "unknown role {other:?}: expected voter, learner or client"
-            )),
+            other => Err(format!("unknown role {other:?}: expected voter, learner or client")),
         }
     }
 }
@@ -130,12 +128,7 @@ impl Ticket {
         let mut bytes = postcard::to_stdvec(&WireFormat::V0(self.clone())).unwrap_or_default();
         let sum = blake3::hash(&bytes);
         bytes.extend_from_slice(&sum.as_bytes()[..CHECKSUM_LEN]);
-        format!(
-            "{PREFIX}{}",
-            data_encoding::BASE32_NOPAD
-                .encode(&bytes)
-                .to_ascii_lowercase()
-        )
+        format!("{PREFIX}{}", data_encoding::BASE32_NOPAD.encode(&bytes).to_ascii_lowercase())
     }
 
     pub fn decode(s: &str) -> Result<Self, TicketDecodeError> {
@@ -154,8 +147,8 @@ impl Ticket {
         if blake3::hash(payload).as_bytes()[..CHECKSUM_LEN] != *sum {
             return Err(TicketDecodeError::Checksum);
         }
-        let WireFormat::V0(ticket) = postcard::from_bytes(payload)
-            .map_err(|e| TicketDecodeError::Malformed(e.to_string()))?;
+        let WireFormat::V0(ticket) =
+            postcard::from_bytes(payload).map_err(|e| TicketDecodeError::Malformed(e.to_string()))?;
         Ok(ticket)
     }
 }
@@ -194,10 +187,7 @@ mod tests {
             role: Role::Voter,
             expires_at_ms: 1_800_000_000_000,
             secret: [9; 32],
-            peers: vec![PeerAddr {
-                id: NodeId([1; 32]),
-                addrs: vec!["127.0.0.1:4000".parse().expect("addr")],
-            }],
+            peers: vec![PeerAddr { id: NodeId([1; 32]), addrs: vec!["127.0.0.1:4000".parse().expect("addr")] }],
         }
     }
 
@@ -228,10 +218,7 @@ mod tests {
             if t == s {
                 continue;
             }
-            assert!(
-                Ticket::decode(&t).is_err(),
-                "tampered ticket at {i} accepted"
-            );
+            assert!(Ticket::decode(&t).is_err(), "tampered ticket at {i} accepted");
         }
         assert_eq!(Ticket::decode("nope"), Err(TicketDecodeError::Prefix));
         assert_eq!(Ticket::decode("blixard"), Err(TicketDecodeError::Checksum));

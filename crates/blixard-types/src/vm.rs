@@ -34,9 +34,7 @@ impl FromStr for RestartPolicy {
             "always" => Ok(Self::Always),
             "on-failure" => Ok(Self::OnFailure),
             "never" => Ok(Self::Never),
-            _ => Err(format!(
-                "unknown restart policy {s:?}: expected always, on-failure or never"
-            )),
+            _ => Err(format!("unknown restart policy {s:?}: expected always, on-failure or never")),
         }
     }
 }
@@ -66,20 +64,11 @@ impl FromStr for HealthCheck {
     type Err = String;
     /// `console:TEXT`, `tcp:PORT` or `http:PORT/PATH`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || {
-            format!("invalid health check {s:?}: expected console:TEXT, tcp:PORT or http:PORT/PATH")
-        };
+        let bad = || format!("invalid health check {s:?}: expected console:TEXT, tcp:PORT or http:PORT/PATH");
         let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
         match kind {
-            "console" if !rest.is_empty() && rest.len() <= 256 => {
-                Ok(Self::Console(rest.to_string()))
-            }
-            "tcp" => rest
-                .parse()
-                .ok()
-                .filter(|p| *p > 0)
-                .map(Self::Tcp)
-                .ok_or_else(bad),
+            "console" if !rest.is_empty() && rest.len() <= 256 => Ok(Self::Console(rest.to_string())),
+            "tcp" => rest.parse().ok().filter(|p| *p > 0).map(Self::Tcp).ok_or_else(bad),
             "http" => {
                 let (port, path) = match rest.split_once('/') {
                     Some((p, path)) => (p, format!("/{path}")),
@@ -201,9 +190,7 @@ pub enum SpecError {
 pub fn validate_name(name: &str) -> Result<(), SpecError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-');
     if ok {
         Ok(())
@@ -218,10 +205,7 @@ impl VmSpec {
         validate_name(&self.name)?;
         let image_ok = !self.image.is_empty()
             && self.image.len() <= 128
-            && self
-                .image
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'));
+            && self.image.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'));
         if !image_ok {
             return Err(SpecError::Image(self.image.chars().take(80).collect()));
         }
@@ -266,17 +250,7 @@ mod tests {
         for ok in ["web", "web-1", "0db", &"a".repeat(48)] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "-x",
-            "a/b",
-            "../x",
-            "Web",
-            "a b",
-            "a.b",
-            &"a".repeat(49),
-            "x\0",
-        ] {
+        for bad in ["", "-x", "a/b", "../x", "Web", "a b", "a.b", &"a".repeat(49), "x\0"] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }
@@ -299,34 +273,10 @@ mod tests {
     #[test]
     fn health_checks_parse() {
         assert_eq!("tcp:8080".parse(), Ok(HealthCheck::Tcp(8080)));
-        assert_eq!(
-            "http:80/healthz".parse(),
-            Ok(HealthCheck::Http {
-                port: 80,
-                path: "/healthz".into()
-            })
-        );
-        assert_eq!(
-            "http:80".parse(),
-            Ok(HealthCheck::Http {
-                port: 80,
-                path: "/".into()
-            })
-        );
-        assert_eq!(
-            "console:READY".parse(),
-            Ok(HealthCheck::Console("READY".into()))
-        );
-        for bad in [
-            "",
-            "tcp:",
-            "tcp:0",
-            "tcp:99999",
-            "http:x/y",
-            "console:",
-            "udp:1",
-            "http:80/a b",
-        ] {
+        assert_eq!("http:80/healthz".parse(), Ok(HealthCheck::Http { port: 80, path: "/healthz".into() }));
+        assert_eq!("http:80".parse(), Ok(HealthCheck::Http { port: 80, path: "/".into() }));
+        assert_eq!("console:READY".parse(), Ok(HealthCheck::Console("READY".into())));
+        for bad in ["", "tcp:", "tcp:0", "tcp:99999", "http:x/y", "console:", "udp:1", "http:80/a b"] {
             assert!(bad.parse::<HealthCheck>().is_err(), "{bad}");
         }
     }

@@ -792,10 +792,8 @@ impl<L: Launcher> Inner<L> {
             #[allow(unsafe_code)]
             unsafe {
                 cmd.pre_exec(|| {
-                    rustix::process::set_parent_process_death_signal(Some(
-                        rustix::process::Signal::KILL,
-                    ))
-                    .map_err(std::io::Error::from)
+                    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                        .map_err(std::io::Error::from)
                 });
             }
         }

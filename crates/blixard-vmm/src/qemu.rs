@@ -304,17 +304,11 @@ delegate_backend!(QemuBackend);
 /// Boots `spec` (a bundle) with bare `qemu-system-x86_64` and the backend's exact
 /// arguments, and returns the time from spawn until `marker` appears on its console (then
 /// kills it). The baseline of the boot benchmarks.
-pub async fn bare_boot(
-    spec: &VmSpec,
-    accel: Accel,
-    dir: &Path,
-    marker: &str,
-) -> Result<Duration, String> {
+pub async fn bare_boot(spec: &VmSpec, accel: Accel, dir: &Path, marker: &str) -> Result<Duration, String> {
     use tokio::io::AsyncReadExt;
     let sock = dir.join("bare.sock");
     let _ = std::fs::remove_file(&sock);
-    let args =
-        qemu_args(spec, accel, host_tsc_khz(), &sock, None, "").map_err(|e| e.to_string())?;
+    let args = qemu_args(spec, accel, host_tsc_khz(), &sock, None, "").map_err(|e| e.to_string())?;
     let t0 = std::time::Instant::now();
     let mut child = tokio::process::Command::new("qemu-system-x86_64")
         .args(&args)
@@ -416,3 +410,4 @@ mod tests {
         assert!("bogus".parse::<AccelMode>().is_err());
     }
 }
+

@@ -71,14 +71,11 @@ fn parse_metrics(s: &str) -> Result<MetricsListen, String> {
     if s == "off" {
         return Ok(MetricsListen::Off);
     }
-    s.parse()
-        .map(MetricsListen::Addr)
-        .map_err(|_| format!("invalid metrics address {s:?}: expected IP:PORT or off"))
+    s.parse().map(MetricsListen::Addr).map_err(|_| format!("invalid metrics address {s:?}: expected IP:PORT or off"))
 }
 
 /// Metrics are served on localhost unless configured otherwise.
-pub const DEFAULT_METRICS: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+pub const DEFAULT_METRICS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
 
 /// The file format. Unknown keys are errors, so a typo is not silently ignored.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,8 +95,7 @@ pub struct FileConfig {
 
 impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
     }
 }
@@ -128,20 +124,14 @@ pub fn effective(data_dir_flag: Option<PathBuf>, flags: &NodeFlags) -> anyhow::R
     merge(file, data_dir_flag, flags)
 }
 
-fn merge(
-    file: FileConfig,
-    data_dir_flag: Option<PathBuf>,
-    flags: &NodeFlags,
-) -> anyhow::Result<Effective> {
+fn merge(file: FileConfig, data_dir_flag: Option<PathBuf>, flags: &NodeFlags) -> anyhow::Result<Effective> {
     let host = blixard_node::config::host_resources();
     let data_dir = data_dir_flag
         .or(file.data_dir)
         .context("no data dir: pass --data-dir DIR or set data_dir in the config file")?;
     let mut labels = file.labels;
     for l in &flags.labels {
-        let (k, v) = l
-            .split_once('=')
-            .with_context(|| format!("label {l:?} must be k=v"))?;
+        let (k, v) = l.split_once('=').with_context(|| format!("label {l:?} must be k=v"))?;
         labels.insert(k.to_string(), v.to_string());
     }
     for (k, v) in &labels {
@@ -149,23 +139,16 @@ fn merge(
     }
     let relay = flags.relay.clone().or(file.relay);
     if let Some(r) = &relay {
-        r.parse::<iroh::RelayUrl>()
-            .with_context(|| format!("invalid relay URL {r:?}"))?;
+        r.parse::<iroh::RelayUrl>().with_context(|| format!("invalid relay URL {r:?}"))?;
     }
     Ok(Effective {
         data_dir,
         listen: flags.listen.or(file.listen),
         relay,
         cpus: flags.cpus.or(file.cpus).unwrap_or(host.cpus),
-        memory_mib: flags
-            .memory_mib
-            .or(file.memory_mib)
-            .unwrap_or(host.memory_mib),
+        memory_mib: flags.memory_mib.or(file.memory_mib).unwrap_or(host.memory_mib),
         disk_gib: flags.disk_gib.or(file.disk_gib),
-        metrics_listen: flags
-            .metrics_listen
-            .or(file.metrics_listen)
-            .unwrap_or(MetricsListen::Addr(DEFAULT_METRICS)),
+        metrics_listen: flags.metrics_listen.or(file.metrics_listen).unwrap_or(MetricsListen::Addr(DEFAULT_METRICS)),
         backend: flags.backend.or(file.backend).unwrap_or_default(),
         labels,
     })
@@ -200,21 +183,14 @@ mod tests {
     #[test]
     fn flags_override_file_override_defaults() {
         let f = file("data_dir = \"/srv/a\"\nlisten = \"10.0.0.1:7000\"\ncpus = 4\n[labels]\nzone = \"a\"\nrack = \"1\"\n");
-        let flags = NodeFlags {
-            cpus: Some(8),
-            labels: vec!["zone=b".into()],
-            ..Default::default()
-        };
+        let flags = NodeFlags { cpus: Some(8), labels: vec!["zone=b".into()], ..Default::default() };
         let e = merge(f.clone(), None, &flags).expect("merge");
         assert_eq!(e.data_dir, PathBuf::from("/srv/a"));
         assert_eq!(e.listen, Some("10.0.0.1:7000".parse().expect("addr")));
         assert_eq!(e.cpus, 8);
         assert_eq!(e.labels["zone"], "b");
         assert_eq!(e.labels["rack"], "1");
-        assert_eq!(
-            e.memory_mib,
-            blixard_node::config::host_resources().memory_mib
-        );
+        assert_eq!(e.memory_mib, blixard_node::config::host_resources().memory_mib);
         let e = merge(f, Some("/srv/b".into()), &NodeFlags::default()).expect("merge");
         assert_eq!(e.data_dir, PathBuf::from("/srv/b"));
         assert_eq!(e.cpus, 4);
@@ -222,52 +198,24 @@ mod tests {
 
     #[test]
     fn bad_files_and_values_are_refused() {
-        assert!(
-            toml::from_str::<FileConfig>("cpu = 4").is_err(),
-            "typo must not be ignored"
-        );
+        assert!(toml::from_str::<FileConfig>("cpu = 4").is_err(), "typo must not be ignored");
         assert!(toml::from_str::<FileConfig>("cpus = \"many\"").is_err());
-        assert!(
-            merge(FileConfig::default(), None, &NodeFlags::default()).is_err(),
-            "no data dir"
-        );
-        let flags = NodeFlags {
-            labels: vec!["novalue".into()],
-            ..Default::default()
-        };
+        assert!(merge(FileConfig::default(), None, &NodeFlags::default()).is_err(), "no data dir");
+        let flags = NodeFlags { labels: vec!["novalue".into()], ..Default::default() };
         assert!(merge(FileConfig::default(), Some("/x".into()), &flags).is_err());
-        let flags = NodeFlags {
-            relay: Some("not a url".into()),
-            ..Default::default()
-        };
+        let flags = NodeFlags { relay: Some("not a url".into()), ..Default::default() };
         assert!(merge(FileConfig::default(), Some("/x".into()), &flags).is_err());
     }
 
     #[test]
     fn metrics_listen_default_off_and_address() {
-        let e = merge(
-            FileConfig::default(),
-            Some("/x".into()),
-            &NodeFlags::default(),
-        )
-        .expect("merge");
+        let e = merge(FileConfig::default(), Some("/x".into()), &NodeFlags::default()).expect("merge");
         assert_eq!(e.metrics_listen, MetricsListen::Addr(DEFAULT_METRICS));
-        let e = merge(
-            file("metrics_listen = \"off\""),
-            Some("/x".into()),
-            &NodeFlags::default(),
-        )
-        .expect("merge");
+        let e = merge(file("metrics_listen = \"off\""), Some("/x".into()), &NodeFlags::default()).expect("merge");
         assert_eq!(e.metrics_listen, MetricsListen::Off);
-        let flags = NodeFlags {
-            metrics_listen: Some(parse_metrics("0.0.0.0:9100").expect("addr")),
-            ..Default::default()
-        };
+        let flags = NodeFlags { metrics_listen: Some(parse_metrics("0.0.0.0:9100").expect("addr")), ..Default::default() };
         let e = merge(file("metrics_listen = \"off\""), Some("/x".into()), &flags).expect("merge");
-        assert_eq!(
-            e.metrics_listen,
-            MetricsListen::Addr("0.0.0.0:9100".parse().expect("addr"))
-        );
+        assert_eq!(e.metrics_listen, MetricsListen::Addr("0.0.0.0:9100".parse().expect("addr")));
         assert!(parse_metrics("nope").is_err());
         assert!(toml::from_str::<FileConfig>("metrics_listen = \"on\"").is_err());
     }

@@ -36,10 +36,7 @@ struct Procs(Vec<Child>);
 impl Drop for Procs {
     fn drop(&mut self) {
         for c in &mut self.0 {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
         }
         for c in &mut self.0 {
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -67,23 +64,11 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
     eprintln!("starting {} nodes in {}", args.nodes, dir.display());
     let first = dir.join("n1");
     let resume = first.join("raft.redb").exists();
-    procs.0.push(spawn(
-        &exe,
-        &dir,
-        &first,
-        if resume { &[] } else { &["--init"] },
-    )?);
-    let admin =
-        std::fs::read_to_string(first.join("admin.ticket")).context("reading admin.ticket")?;
+    procs.0.push(spawn(&exe, &dir, &first, if resume { &[] } else { &["--init"] })?);
+    let admin = std::fs::read_to_string(first.join("admin.ticket")).context("reading admin.ticket")?;
     let key = blixard_mesh::identity::load_or_create(&dir.join("cli/cli.key"))?;
     let client = Client::new(key.clone(), Ticket::decode(&admin)?).await?;
-    let join = match client
-        .request(&ClientRequest::CreateTicket {
-            role: Role::Voter,
-            ttl_ms: 600_000,
-        })
-        .await?
-    {
+    let join = match client.request(&ClientRequest::CreateTicket { role: Role::Voter, ttl_ms: 600_000 }).await? {
         ClientResponse::Ticket { ticket, .. } => ticket,
         other => bail!("unexpected answer {other:?}"),
     };
@@ -93,21 +78,11 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
     let join_file = join_file.to_string_lossy().into_owned();
     for i in 2..=args.nodes {
         let d = dir.join(format!("n{i}"));
-        let join_args: Vec<&str> = if d.join("raft.redb").exists() {
-            vec![]
-        } else {
-            vec!["--join-file", &join_file]
-        };
+        let join_args: Vec<&str> = if d.join("raft.redb").exists() { vec![] } else { vec!["--join-file", &join_file] };
         procs.0.push(spawn(&exe, &dir, &d, &join_args)?);
     }
     // A client ticket naming every member, so the CLI works while any one is down.
-    let ticket = match client
-        .request(&ClientRequest::CreateTicket {
-            role: Role::Client,
-            ttl_ms: 7 * 86_400_000,
-        })
-        .await?
-    {
+    let ticket = match client.request(&ClientRequest::CreateTicket { role: Role::Client, ttl_ms: 7 * 86_400_000 }).await? {
         ClientResponse::Ticket { ticket, .. } => ticket,
         other => bail!("unexpected answer {other:?}"),
     };
@@ -141,9 +116,7 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
             println!("\n$ blixard vm list");
             cli(&["vm", "list"])?;
             println!("\n$ blixard vm logs demo | tail -3");
-            let out = cli_command(&exe, &dir, &ticket)
-                .args(["vm", "logs", "demo"])
-                .output()?;
+            let out = cli_command(&exe, &dir, &ticket).args(["vm", "logs", "demo"]).output()?;
             let text = String::from_utf8_lossy(&out.stdout);
             let lines: Vec<&str> = text.lines().collect();
             for l in &lines[lines.len().saturating_sub(3)..] {
@@ -151,21 +124,13 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
             }
         }
         println!();
-        println!(
-            "Try:  export BLIXARD_TICKET=$(cat {})",
-            dir.join("client.ticket").display()
-        );
-        println!(
-            "      blixard vm list; blixard vm pause demo --wait; blixard vm logs demo --follow"
-        );
+        println!("Try:  export BLIXARD_TICKET=$(cat {})", dir.join("client.ticket").display());
+        println!("      blixard vm list; blixard vm pause demo --wait; blixard vm logs demo --follow");
     }
     if args.exit {
         return Ok(());
     }
-    eprintln!(
-        "nodes running; logs in {}/*.log; Ctrl-C stops them",
-        dir.display()
-    );
+    eprintln!("nodes running; logs in {}/*.log; Ctrl-C stops them", dir.display());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
@@ -177,10 +142,7 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
 /// The demo's CLI: its own key under DIR/cli, the demo's client ticket.
 fn cli_command(exe: &Path, dir: &Path, ticket: &str) -> Command {
     let mut c = Command::new(exe);
-    c.env("BLIXARD_CONFIG_DIR", dir.join("cli"))
-        .arg("--ticket")
-        .arg(ticket)
-        .stdin(Stdio::null());
+    c.env("BLIXARD_CONFIG_DIR", dir.join("cli")).arg("--ticket").arg(ticket).stdin(Stdio::null());
     c
 }
 
@@ -196,12 +158,7 @@ fn build_guest(dir: &Path) -> anyhow::Result<PathBuf> {
     let out = dir.join("guest");
     eprintln!("building the test guest ({})", script.display());
     // Its chatter goes to stderr: stdout is for the demo's output (one JSON document with --json).
-    let st = Command::new("sh")
-        .arg(&script)
-        .arg(&out)
-        .stdout(std::io::stderr())
-        .status()
-        .context("running build.sh")?;
+    let st = Command::new("sh").arg(&script).arg(&out).stdout(std::io::stderr()).status().context("running build.sh")?;
     if !st.success() {
         bail!("the test guest build failed (it needs linux-image-cloud-amd64, busybox-static, e2fsprogs, cpio; see its message above)");
     }
@@ -219,42 +176,17 @@ fn boot_vm(
     status: &blixard_types::rpc::ClusterStatus,
 ) -> anyhow::Result<(serde_json::Value, serde_json::Value)> {
     let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
-        let out = cli_command(exe, dir, ticket)
-            .arg("--json")
-            .args(args)
-            .stderr(Stdio::inherit())
-            .output()?;
+        let out = cli_command(exe, dir, ticket).arg("--json").args(args).stderr(Stdio::inherit()).output()?;
         if !out.status.success() {
             bail!("blixard {} failed", args.join(" "));
         }
         Ok(serde_json::from_slice(&out.stdout)?)
     };
     eprintln!("pushing the test guest image");
-    let image = cli(&[
-        "image",
-        "push",
-        &bundle.to_string_lossy(),
-        "--name",
-        "test-guest",
-    ])?;
+    let image = cli(&["image", "push", &bundle.to_string_lossy(), "--name", "test-guest"])?;
     let holder = image["nodes"][0].as_str().unwrap_or_default().to_string();
-    let host = status
-        .members
-        .iter()
-        .map(|m| m.id.to_string())
-        .find(|id| *id != holder);
-    let mut create = vec![
-        "vm",
-        "create",
-        "demo",
-        "--image",
-        "test-guest",
-        "--health",
-        "console:BLIXARD-GUEST-READY",
-        "--wait",
-        "--timeout",
-        "5m",
-    ];
+    let host = status.members.iter().map(|m| m.id.to_string()).find(|id| *id != holder);
+    let mut create = vec!["vm", "create", "demo", "--image", "test-guest", "--health", "console:BLIXARD-GUEST-READY", "--wait", "--timeout", "5m"];
     if let Some(h) = &host {
         cli(&["node", "label", h, "demo-host=yes"])?;
         create.extend(["--constraint", "demo-host=yes"]);
@@ -267,11 +199,7 @@ fn boot_vm(
 }
 
 fn spawn(exe: &Path, root: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Child> {
-    let name = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("node")
-        .to_string();
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("node").to_string();
     let log = std::fs::File::create(root.join(format!("{name}.log")))?;
     let mut child = Command::new(exe)
         .args(["node", "run", "--data-dir"])
@@ -288,20 +216,14 @@ fn spawn(exe: &Path, root: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<
     let mut lines = BufReader::new(stdout).lines();
     match lines.next() {
         Some(Ok(l)) if l.starts_with("node ") => eprintln!("  {name}: {l}"),
-        _ => bail!(
-            "node {name} failed to start; see {}/{name}.log",
-            root.display()
-        ),
+        _ => bail!("node {name} failed to start; see {}/{name}.log", root.display()),
     }
     // Keep draining stdout so the node never blocks on it.
     std::thread::spawn(move || lines.for_each(drop));
     Ok(child)
 }
 
-async fn wait_healthy(
-    client: &Client,
-    n: usize,
-) -> anyhow::Result<blixard_types::rpc::ClusterStatus> {
+async fn wait_healthy(client: &Client, n: usize) -> anyhow::Result<blixard_types::rpc::ClusterStatus> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let ClientResponse::Status(s) = client.request(&ClientRequest::Status).await? {

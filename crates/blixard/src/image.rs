@@ -57,8 +57,7 @@ pub async fn run(cmd: ImageCmd, client: &Client, json: bool) -> anyhow::Result<(
     match cmd {
         ImageCmd::Push(args) => push(args, client, json).await,
         ImageCmd::List => {
-            let ClientResponse::Images(list) = client.request(&ClientRequest::ImageList).await?
-            else {
+            let ClientResponse::Images(list) = client.request(&ClientRequest::ImageList).await? else {
                 bail!("unexpected answer")
             };
             if json {
@@ -68,10 +67,7 @@ pub async fn run(cmd: ImageCmd, client: &Client, json: bool) -> anyhow::Result<(
             }
         }
         ImageCmd::Info { reference } => {
-            let ClientResponse::Image(i) = client
-                .request(&ClientRequest::ImageInfo { reference })
-                .await?
-            else {
+            let ClientResponse::Image(i) = client.request(&ClientRequest::ImageInfo { reference }).await? else {
                 bail!("unexpected answer")
             };
             if json {
@@ -80,23 +76,10 @@ pub async fn run(cmd: ImageCmd, client: &Client, json: bool) -> anyhow::Result<(
                 output::image(&i)
             }
         }
-        ImageCmd::Rm { reference } => gc_output(
-            client
-                .request(&ClientRequest::ImageRemove { reference })
-                .await?,
-            json,
-        ),
-        ImageCmd::Gc => gc_output(
-            client
-                .request(&ClientRequest::ImageGc { node: None })
-                .await?,
-            json,
-        ),
+        ImageCmd::Rm { reference } => gc_output(client.request(&ClientRequest::ImageRemove { reference }).await?, json),
+        ImageCmd::Gc => gc_output(client.request(&ClientRequest::ImageGc { node: None }).await?, json),
         ImageCmd::Pull { reference, node } => {
-            let ClientResponse::Pulled(p) = client
-                .request(&ClientRequest::ImagePull { reference, node })
-                .await?
-            else {
+            let ClientResponse::Pulled(p) = client.request(&ClientRequest::ImagePull { reference, node }).await? else {
                 bail!("unexpected answer")
             };
             if json {
@@ -117,9 +100,7 @@ pub async fn run(cmd: ImageCmd, client: &Client, json: bool) -> anyhow::Result<(
 }
 
 fn gc_output(resp: ClientResponse, json: bool) -> anyhow::Result<()> {
-    let ClientResponse::Gc(reports) = resp else {
-        bail!("unexpected answer {resp:?}")
-    };
+    let ClientResponse::Gc(reports) = resp else { bail!("unexpected answer {resp:?}") };
     if json {
         return output::json(&reports);
     }
@@ -156,58 +137,35 @@ async fn push(args: PushArgs, client: &Client, json: bool) -> anyhow::Result<()>
     let bar = Arc::new(Mutex::new(Bar::new("packing")));
     let on_progress = {
         let bar = bar.clone();
-        move |p: Progress| {
-            bar.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .update(p.done, p.total)
-        }
+        move |p: Progress| bar.lock().unwrap_or_else(|e| e.into_inner()).update(p.done, p.total)
     };
     let image = match (&args.path, &args.kernel) {
-        (Some(p), None) if p.join("kernel").is_file() => {
-            store.add_bundle(&bundle_dir(p)?, &on_progress).await?
-        }
+        (Some(p), None) if p.join("kernel").is_file() => store.add_bundle(&bundle_dir(p)?, &on_progress).await?,
         (Some(p), None) => store.add_closure(p, &on_progress).await?,
         (None, Some(kernel)) => {
             let spec = BundleSpec {
                 kernel: absolute(kernel)?,
-                initrd: absolute(
-                    args.initrd
-                        .as_ref()
-                        .context("--initrd is required with --kernel")?,
-                )?,
+                initrd: absolute(args.initrd.as_ref().context("--initrd is required with --kernel")?)?,
                 disk: args.disk.as_deref().map(absolute).transpose()?,
-                cmdline: args
-                    .cmdline
-                    .clone()
-                    .unwrap_or_else(|| "console=ttyS0 panic=-1".into()),
+                cmdline: args.cmdline.clone().unwrap_or_else(|| "console=ttyS0 panic=-1".into()),
             };
             store.add_bundle(&spec, &on_progress).await?
         }
-        _ => bail!(
-            "give a PATH (store path, `result` link or bundle directory) or --kernel/--initrd"
-        ),
+        _ => bail!("give a PATH (store path, `result` link or bundle directory) or --kernel/--initrd"),
     };
-    bar.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .finish(image.size);
+    bar.lock().unwrap_or_else(|e| e.into_inner()).finish(image.size);
 
     // Serve to members only: the gate checks the key of every connection.
     let allow: blixard_mesh::auth::Authorizer = Arc::new(move |k| members.contains(k));
     let (handler, sent) = store.protocol_handler_counting();
     let router = iroh::protocol::Router::builder(client.endpoint().clone())
-        .accept(
-            blixard_images::ALPN,
-            blixard_mesh::auth::Gate::new("blobs", allow, handler),
-        )
+        .accept(blixard_images::ALPN, blixard_mesh::auth::Gate::new("blobs", allow, handler))
         .spawn();
     let me = blixard_mesh::node_id(&client.endpoint().id());
     let req = ClientRequest::ImagePush {
         hash: image.hash.to_hex().to_string(),
         name: args.name.clone(),
-        provider: PeerAddr {
-            id: me,
-            addrs: client.dialable_addrs(),
-        },
+        provider: PeerAddr { id: me, addrs: client.dialable_addrs() },
     };
     let mut upload = Bar::new("uploading");
     let total = image.size;
@@ -221,17 +179,11 @@ async fn push(args: PushArgs, client: &Client, json: bool) -> anyhow::Result<()>
     };
     upload.finish(sent.load(Ordering::Relaxed).min(total));
     let _ = router.shutdown().await;
-    let ClientResponse::Image(info) = resp else {
-        bail!("unexpected answer {resp:?}")
-    };
+    let ClientResponse::Image(info) = resp else { bail!("unexpected answer {resp:?}") };
     if json {
         output::json(&info)
     } else {
-        let name = info
-            .names
-            .first()
-            .map(|n| format!(" ({n})"))
-            .unwrap_or_default();
+        let name = info.names.first().map(|n| format!(" ({n})")).unwrap_or_default();
         output::line(&format!("{}{name}", info.hash))
     }
 }
@@ -247,12 +199,7 @@ fn bundle_dir(dir: &Path) -> anyhow::Result<BundleSpec> {
     let cmdline = std::fs::read_to_string(dir.join("cmdline"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "console=ttyS0 panic=-1".into());
-    Ok(BundleSpec {
-        kernel: dir.join("kernel"),
-        initrd,
-        disk,
-        cmdline,
-    })
+    Ok(BundleSpec { kernel: dir.join("kernel"), initrd, disk, cmdline })
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
@@ -264,14 +211,9 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
 fn push_dir() -> anyhow::Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME") {
         Some(d) => PathBuf::from(d),
-        None => {
-            PathBuf::from(std::env::var_os("HOME").context("HOME is not set; set XDG_CACHE_HOME")?)
-                .join(".cache")
-        }
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set; set XDG_CACHE_HOME")?).join(".cache"),
     };
-    let dir = base
-        .join("blixard")
-        .join(format!("push-{}", std::process::id()));
+    let dir = base.join("blixard").join(format!("push-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
 }

@@ -16,18 +16,14 @@ use clap::{Parser, Subcommand};
 mod config;
 mod demo;
 mod image;
+mod progress;
+mod vm;
 mod notify;
 mod output;
-mod progress;
 mod run;
-mod vm;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "blixard",
-    version,
-    about = "Run micro-VMs on a mesh of machines that trust nothing but keys"
-)]
+#[command(name = "blixard", version, about = "Run micro-VMs on a mesh of machines that trust nothing but keys")]
 struct Cli {
     /// Machine-readable output: one JSON document on stdout.
     #[arg(long, global = true)]
@@ -115,15 +111,8 @@ fn main() -> ExitCode {
     let is_run = matches!(cli.cmd, Cmd::Node(NodeCmd::Run(_)) | Cmd::Demo(_));
     // The CLI's contract is one line on stderr per error: iroh's internal complaints about
     // abandoned dials stay out of it unless RUST_LOG asks for them.
-    init_tracing(if is_run {
-        "info,openraft=warn,iroh_blobs=warn"
-    } else {
-        "warn,iroh=off"
-    });
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    init_tracing(if is_run { "info,openraft=warn,iroh_blobs=warn" } else { "warn,iroh=off" });
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -133,10 +122,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) {
+            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
                 return ExitCode::SUCCESS;
             }
             eprintln!("error: {e:#}");
@@ -150,11 +136,7 @@ fn init_tracing(default: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colour only on a terminal: logs in files and the journal stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -193,30 +175,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             client.close().await;
             r
         }
-        Cmd::Node(NodeCmd::Drain { node, undo }) => expect_ok(
-            request(
-                &cli.ticket,
-                &cli.data_dir,
-                &ClientRequest::NodeDrain { node, drain: !undo },
-            )
-            .await?,
-            cli.json,
-        ),
+        Cmd::Node(NodeCmd::Drain { node, undo }) => {
+            expect_ok(request(&cli.ticket, &cli.data_dir, &ClientRequest::NodeDrain { node, drain: !undo }).await?, cli.json)
+        }
         Cmd::Node(NodeCmd::Label { node, labels }) => {
             let (set, remove) = parse_labels(&labels)?;
             let req = ClientRequest::Label { node, set, remove };
             expect_ok(request(&cli.ticket, &cli.data_dir, &req).await?, cli.json)
         }
         Cmd::Node(NodeCmd::Status { node }) => {
-            let resp = request(
-                &cli.ticket,
-                &cli.data_dir,
-                &ClientRequest::NodeStatus { node },
-            )
-            .await?;
-            let ClientResponse::Node(n) = resp else {
-                bail!("unexpected answer: {resp:?}")
-            };
+            let resp = request(&cli.ticket, &cli.data_dir, &ClientRequest::NodeStatus { node }).await?;
+            let ClientResponse::Node(n) = resp else { bail!("unexpected answer: {resp:?}") };
             if cli.json {
                 output::json(&n)
             } else {
@@ -224,57 +193,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Cluster(ClusterCmd::Ticket { role, ttl }) => {
-            let resp = request(
-                &cli.ticket,
-                &cli.data_dir,
-                &ClientRequest::CreateTicket { role, ttl_ms: ttl },
-            )
-            .await?;
-            let ClientResponse::Ticket {
-                ticket,
-                id,
-                expires_at_ms,
-            } = resp
-            else {
+            let resp = request(&cli.ticket, &cli.data_dir, &ClientRequest::CreateTicket { role, ttl_ms: ttl }).await?;
+            let ClientResponse::Ticket { ticket, id, expires_at_ms } = resp else {
                 bail!("unexpected answer: {resp:?}")
             };
             if cli.json {
-                output::json(
-                    &serde_json::json!({ "ticket": ticket, "id": id, "role": role.as_str(), "expires_at_ms": expires_at_ms }),
-                )
+                output::json(&serde_json::json!({ "ticket": ticket, "id": id, "role": role.as_str(), "expires_at_ms": expires_at_ms }))
             } else {
                 output::line(&ticket)
             }
         }
-        Cmd::Cluster(ClusterCmd::RevokeTicket { id }) => expect_ok(
-            request(
-                &cli.ticket,
-                &cli.data_dir,
-                &ClientRequest::RevokeTicket { id },
-            )
-            .await?,
-            cli.json,
-        ),
+        Cmd::Cluster(ClusterCmd::RevokeTicket { id }) => {
+            expect_ok(request(&cli.ticket, &cli.data_dir, &ClientRequest::RevokeTicket { id }).await?, cli.json)
+        }
         Cmd::Cluster(ClusterCmd::Status) => {
             let resp = request(&cli.ticket, &cli.data_dir, &ClientRequest::Status).await?;
-            let ClientResponse::Status(status) = resp else {
-                bail!("unexpected answer: {resp:?}")
-            };
+            let ClientResponse::Status(status) = resp else { bail!("unexpected answer: {resp:?}") };
             if cli.json {
                 output::json(&status)
             } else {
                 output::status(&status)
             }
         }
-        Cmd::Cluster(ClusterCmd::Remove { node }) => expect_ok(
-            request(
-                &cli.ticket,
-                &cli.data_dir,
-                &ClientRequest::RemoveNode { node },
-            )
-            .await?,
-            cli.json,
-        ),
+        Cmd::Cluster(ClusterCmd::Remove { node }) => {
+            expect_ok(request(&cli.ticket, &cli.data_dir, &ClientRequest::RemoveNode { node }).await?, cli.json)
+        }
     }
 }
 
@@ -292,12 +235,9 @@ fn find_ticket(ticket: &Option<String>, data_dir: &Option<PathBuf>) -> anyhow::R
         (Some(t), _) => t.clone(),
         (None, Some(dir)) => {
             let path = dir.join("admin.ticket");
-            std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read the client ticket {}", path.display()))?
+            std::fs::read_to_string(&path).with_context(|| format!("cannot read the client ticket {}", path.display()))?
         }
-        (None, None) => bail!(
-            "no cluster given: pass --ticket T, set BLIXARD_TICKET, or pass --data-dir of a node"
-        ),
+        (None, None) => bail!("no cluster given: pass --ticket T, set BLIXARD_TICKET, or pass --data-dir of a node"),
     };
     Ticket::decode(&text).context("invalid ticket")
 }
@@ -308,14 +248,11 @@ fn cli_key() -> anyhow::Result<iroh::SecretKey> {
     let dir = match std::env::var_os("BLIXARD_CONFIG_DIR") {
         Some(d) => PathBuf::from(d),
         None => {
-            let home =
-                std::env::var_os("HOME").context("HOME is not set; set BLIXARD_CONFIG_DIR")?;
+            let home = std::env::var_os("HOME").context("HOME is not set; set BLIXARD_CONFIG_DIR")?;
             PathBuf::from(home).join(".config/blixard")
         }
     };
-    Ok(blixard_mesh::identity::load_or_create(
-        &dir.join("cli.key"),
-    )?)
+    Ok(blixard_mesh::identity::load_or_create(&dir.join("cli.key"))?)
 }
 
 async fn connect(ticket: &Option<String>, data_dir: &Option<PathBuf>) -> anyhow::Result<Client> {
@@ -323,11 +260,7 @@ async fn connect(ticket: &Option<String>, data_dir: &Option<PathBuf>) -> anyhow:
     Ok(Client::new(cli_key()?, ticket).await?)
 }
 
-async fn request(
-    ticket: &Option<String>,
-    data_dir: &Option<PathBuf>,
-    req: &ClientRequest,
-) -> anyhow::Result<ClientResponse> {
+async fn request(ticket: &Option<String>, data_dir: &Option<PathBuf>, req: &ClientRequest) -> anyhow::Result<ClientResponse> {
     let client = connect(ticket, data_dir).await?;
     let resp = client.request(req).await;
     client.close().await;
@@ -353,9 +286,7 @@ fn parse_labels(args: &[String]) -> anyhow::Result<(BTreeMap<String, String>, Ve
 /// Parses `90s`, `30m`, `12h`, `7d` (or plain seconds) into milliseconds.
 pub(crate) fn parse_duration_ms(s: &str) -> Result<u64, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 90s, 30m, 12h, 7d"))?;
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 90s, 30m, 12h, 7d"))?;
     let secs = match unit {
         "" | "s" => 1,
         "m" => 60,
@@ -363,9 +294,7 @@ pub(crate) fn parse_duration_ms(s: &str) -> Result<u64, String> {
         "d" => 86400,
         _ => return Err(format!("invalid duration unit in {s:?}: use s, m, h or d")),
     };
-    n.checked_mul(secs * 1000)
-        .filter(|&ms| ms > 0)
-        .ok_or_else(|| format!("duration {s:?} is out of range"))
+    n.checked_mul(secs * 1000).filter(|&ms| ms > 0).ok_or_else(|| format!("duration {s:?} is out of range"))
 }
 
 #[cfg(test)]

@@ -5,9 +5,7 @@ use std::os::unix::net::UnixDatagram;
 
 /// Sends `state` (e.g. `READY=1`) to systemd, if it is listening.
 pub fn notify(state: &str) -> std::io::Result<()> {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(());
-    };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return Ok(()) };
     let sock = UnixDatagram::unbound()?;
     let bytes = path.as_encoded_bytes();
     if let Some(name) = bytes.strip_prefix(b"@") {

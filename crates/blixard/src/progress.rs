@@ -12,35 +12,20 @@ pub struct Bar {
 
 impl Bar {
     pub fn new(label: &'static str) -> Self {
-        Self {
-            label,
-            started: Instant::now(),
-            last_draw: None,
-            tty: std::io::stderr().is_terminal(),
-        }
+        Self { label, started: Instant::now(), last_draw: None, tty: std::io::stderr().is_terminal() }
     }
 
     /// Redraws at most 10 times a second.
     pub fn update(&mut self, done: u64, total: u64) {
-        if !self.tty
-            || self
-                .last_draw
-                .is_some_and(|t| t.elapsed().as_millis() < 100)
-        {
+        if !self.tty || self.last_draw.is_some_and(|t| t.elapsed().as_millis() < 100) {
             return;
         }
         self.last_draw = Some(Instant::now());
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         let rate = done as f64 / secs;
         let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as usize;
-        let eta = if rate > 0.0 && total > done {
-            format!("{:.0}s", (total - done) as f64 / rate)
-        } else {
-            "-".into()
-        };
-        let bar: String = (0..30)
-            .map(|i| if i * 100 / 30 < pct { '#' } else { '.' })
-            .collect();
+        let eta = if rate > 0.0 && total > done { format!("{:.0}s", (total - done) as f64 / rate) } else { "-".into() };
+        let bar: String = (0..30).map(|i| if i * 100 / 30 < pct { '#' } else { '.' }).collect();
         let _ = write!(
             std::io::stderr().lock(),
             "\r{:<9} [{bar}] {:>3}% {} / {}  {}/s  ETA {eta}   ",

@@ -30,10 +30,9 @@ pub async fn run(data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<()>
     let data_dir = eff.data_dir.clone();
     let join = match (&args.join, &args.join_file) {
         (Some(t), _) => Some(t.clone()),
-        (None, Some(p)) => Some(
-            std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read the join ticket {}", p.display()))?,
-        ),
+        (None, Some(p)) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("cannot read the join ticket {}", p.display()))?)
+        }
         (None, None) => None,
     };
     let mode = match (&join, args.init) {
@@ -43,12 +42,7 @@ pub async fn run(data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<()>
     };
     let mut cfg = NodeConfig::new(&data_dir, mode);
     cfg.listen = eff.listen;
-    cfg.relay = eff
-        .relay
-        .as_deref()
-        .map(str::parse)
-        .transpose()
-        .context("invalid relay URL")?;
+    cfg.relay = eff.relay.as_deref().map(str::parse).transpose().context("invalid relay URL")?;
     cfg.resources.cpus = eff.cpus;
     cfg.resources.memory_mib = eff.memory_mib;
     cfg.resources.disk_gib = eff.disk_gib.unwrap_or(0);
@@ -63,10 +57,7 @@ pub async fn run(data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<()>
     // One line on stdout for scripts: who we are and where we listen.
     println!("node {} listening on {:?}", node.id(), node.ctx().addrs());
     if args.init {
-        println!(
-            "client ticket written to {}",
-            data_dir.join("admin.ticket").display()
-        );
+        println!("client ticket written to {}", data_dir.join("admin.ticket").display());
     }
     // Ready: the node has bootstrapped, joined or resumed, and serves its protocols.
     if let Err(e) = crate::notify::notify("READY=1") {

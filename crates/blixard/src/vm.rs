@@ -104,57 +104,22 @@ pub async fn run(cmd: VmCmd, client: &Client, json: bool) -> anyhow::Result<()> 
                 health: a.health,
             };
             spec.validate()?;
-            let goal = if a.no_start {
-                Goal::Stopped
-            } else {
-                Goal::Ready
-            };
-            (
-                a.name,
-                ClientRequest::VmCreate {
-                    spec,
-                    start: !a.no_start,
-                },
-                a.wait,
-                a.timeout,
-                goal,
-            )
+            let goal = if a.no_start { Goal::Stopped } else { Goal::Ready };
+            (a.name, ClientRequest::VmCreate { spec, start: !a.no_start }, a.wait, a.timeout, goal)
         }
         VmCmd::Start(t) => set(t, Desired::Running, Goal::Ready),
         VmCmd::Stop(t) => set(t, Desired::Stopped, Goal::Stopped),
         VmCmd::Pause(t) => set(t, Desired::Paused, Goal::Paused),
         VmCmd::Resume(t) => set(t, Desired::Running, Goal::Ready),
-        VmCmd::Reboot(t) => (
-            t.name.clone(),
-            ClientRequest::VmReboot { name: t.name },
-            t.wait,
-            t.timeout,
-            Goal::Ready,
-        ),
-        VmCmd::Delete(t) => (
-            t.name.clone(),
-            ClientRequest::VmDelete { name: t.name },
-            t.wait,
-            t.timeout,
-            Goal::Gone,
-        ),
+        VmCmd::Reboot(t) => (t.name.clone(), ClientRequest::VmReboot { name: t.name }, t.wait, t.timeout, Goal::Ready),
+        VmCmd::Delete(t) => (t.name.clone(), ClientRequest::VmDelete { name: t.name }, t.wait, t.timeout, Goal::Gone),
         VmCmd::Info { name } => {
             let v = info(client, &name).await?;
-            return if json {
-                output::json(&v)
-            } else {
-                output::vm(&v)
-            };
+            return if json { output::json(&v) } else { output::vm(&v) };
         }
         VmCmd::List => {
-            let ClientResponse::Vms(list) = client.request(&ClientRequest::VmList).await? else {
-                bail!("unexpected answer")
-            };
-            return if json {
-                output::json(&list)
-            } else {
-                output::vms(&list)
-            };
+            let ClientResponse::Vms(list) = client.request(&ClientRequest::VmList).await? else { bail!("unexpected answer") };
+            return if json { output::json(&list) } else { output::vms(&list) };
         }
         VmCmd::Logs { name, follow } => return logs(client, &name, follow).await,
     };
@@ -163,21 +128,13 @@ pub async fn run(cmd: VmCmd, client: &Client, json: bool) -> anyhow::Result<()> 
         other => bail!("unexpected answer {other:?}"),
     }
     if !wait {
-        return if json {
-            output::json(&serde_json::json!({ "ok": true }))
-        } else {
-            Ok(())
-        };
+        return if json { output::json(&serde_json::json!({ "ok": true })) } else { Ok(()) };
     }
     let v = wait_for(client, &name, goal, Duration::from_millis(timeout)).await?;
     if json {
         output::json(&v)
     } else {
-        let node = v
-            .as_ref()
-            .and_then(|v| v.node)
-            .map(|n| n.short())
-            .unwrap_or_default();
+        let node = v.as_ref().and_then(|v| v.node).map(|n| n.short()).unwrap_or_default();
         match v {
             Some(v) => output::line(&format!("{} {} on {node}", v.name, v.state)),
             None => output::line(&format!("{name} deleted")),
@@ -186,16 +143,7 @@ pub async fn run(cmd: VmCmd, client: &Client, json: bool) -> anyhow::Result<()> 
 }
 
 fn set(t: Target, desired: Desired, goal: Goal) -> (String, ClientRequest, bool, u64, Goal) {
-    (
-        t.name.clone(),
-        ClientRequest::VmSetDesired {
-            name: t.name,
-            desired,
-        },
-        t.wait,
-        t.timeout,
-        goal,
-    )
+    (t.name.clone(), ClientRequest::VmSetDesired { name: t.name, desired }, t.wait, t.timeout, goal)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,44 +156,23 @@ enum Goal {
 }
 
 async fn info(client: &Client, name: &str) -> anyhow::Result<VmInfo> {
-    match client
-        .request(&ClientRequest::VmInfo {
-            name: name.to_string(),
-        })
-        .await?
-    {
+    match client.request(&ClientRequest::VmInfo { name: name.to_string() }).await? {
         ClientResponse::Vm(v) => Ok(v),
         other => bail!("unexpected answer {other:?}"),
     }
 }
 
 /// Polls the VM until it reaches `goal`; a failed VM ends the wait with its error.
-async fn wait_for(
-    client: &Client,
-    name: &str,
-    goal: Goal,
-    timeout: Duration,
-) -> anyhow::Result<Option<VmInfo>> {
+async fn wait_for(client: &Client, name: &str, goal: Goal, timeout: Duration) -> anyhow::Result<Option<VmInfo>> {
     let deadline = Instant::now() + timeout;
     loop {
-        let v = match client
-            .request(&ClientRequest::VmInfo {
-                name: name.to_string(),
-            })
-            .await
-        {
+        let v = match client.request(&ClientRequest::VmInfo { name: name.to_string() }).await {
             Ok(ClientResponse::Vm(v)) => v,
-            Err(blixard_node::client::ClientError::Api(ApiError::Refused(_)))
-                if goal == Goal::Gone =>
-            {
-                return Ok(None)
-            }
+            Err(blixard_node::client::ClientError::Api(ApiError::Refused(_))) if goal == Goal::Gone => return Ok(None),
             Ok(other) => bail!("unexpected answer {other:?}"),
             // A member that does not answer for a moment (restarting, an election) does not
             // end the wait; the deadline does.
-            Err(e @ blixard_node::client::ClientError::Unreachable(_))
-                if Instant::now() < deadline =>
-            {
+            Err(e @ blixard_node::client::ClientError::Unreachable(_)) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "vm info failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
@@ -262,22 +189,11 @@ async fn wait_for(
             return Ok(Some(v));
         }
         if v.state == "failed" && goal != Goal::Gone {
-            bail!(
-                "VM {name} failed: {}",
-                v.error.as_deref().unwrap_or("no error recorded")
-            );
+            bail!("VM {name} failed: {}", v.error.as_deref().unwrap_or("no error recorded"));
         }
         if Instant::now() >= deadline {
-            let why = v
-                .error
-                .as_deref()
-                .map(|e| format!(" (last error: {e})"))
-                .unwrap_or_default();
-            bail!(
-                "VM {name} is still {} after {}s{why}",
-                v.state,
-                timeout.as_secs()
-            );
+            let why = v.error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default();
+            bail!("VM {name} is still {} after {}s{why}", v.state, timeout.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -286,21 +202,12 @@ async fn wait_for(
 async fn logs(client: &Client, name: &str, follow: bool) -> anyhow::Result<()> {
     let mut offset = 0;
     loop {
-        let req = ClientRequest::VmLogs {
-            name: name.to_string(),
-            offset,
-            max_bytes: 256 * 1024,
-        };
-        let ClientResponse::Logs(chunk) = client.request(&req).await? else {
-            bail!("unexpected answer")
-        };
+        let req = ClientRequest::VmLogs { name: name.to_string(), offset, max_bytes: 256 * 1024 };
+        let ClientResponse::Logs(chunk) = client.request(&req).await? else { bail!("unexpected answer") };
         if chunk.skipped > 0 && offset > 0 {
             eprintln!("[{} bytes of older output rotated away]", chunk.skipped);
         }
-        std::io::stdout()
-            .lock()
-            .write_all(&chunk.data)
-            .context("writing to stdout")?;
+        std::io::stdout().lock().write_all(&chunk.data).context("writing to stdout")?;
         let more = chunk.next > offset && !chunk.data.is_empty();
         offset = chunk.next;
         if !more {
@@ -315,9 +222,7 @@ async fn logs(client: &Client, name: &str, follow: bool) -> anyhow::Result<()> {
 fn pairs(args: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     args.iter()
         .map(|a| {
-            a.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .with_context(|| format!("{a:?} must be k=v"))
+            a.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).with_context(|| format!("{a:?} must be k=v"))
         })
         .collect()
 }

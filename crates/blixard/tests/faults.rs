@@ -20,19 +20,13 @@ fn leader_failover_restart_and_full_restart() {
     let old = leader(&s).expect("leader");
     let old_i = c.index_of(&old);
     // Poll through a ticket that lists the survivors first, so no poll waits on the dead.
-    let mut t =
-        blixard_types::Ticket::decode(c.client_ticket.as_deref().expect("ticket")).expect("decode");
+    let mut t = blixard_types::Ticket::decode(c.client_ticket.as_deref().expect("ticket")).expect("decode");
     t.peers.sort_by_key(|p| p.id.to_string() == old);
     c.client_ticket = Some(t.encode());
     let killed_at = Instant::now();
     c.kill9(old_i);
     // Ask the survivors themselves (no forwarding through the dead leader).
-    let survivors: Vec<String> = c
-        .nodes
-        .iter()
-        .filter(|n| n.id != old)
-        .map(|n| n.id.clone())
-        .collect();
+    let survivors: Vec<String> = c.nodes.iter().filter(|n| n.id != old).map(|n| n.id.clone()).collect();
     let new = wait_for("a new leader", Duration::from_secs(10), || {
         survivors.iter().find_map(|id| {
             let v = c.json(&["node", "status", id]).ok()?;
@@ -41,26 +35,14 @@ fn leader_failover_restart_and_full_restart() {
     });
     let failover = killed_at.elapsed();
     eprintln!("failover: new leader {} after {failover:?}", &new[..10]);
-    assert!(
-        failover < Duration::from_secs(2),
-        "failover took {failover:?}"
-    );
+    assert!(failover < Duration::from_secs(2), "failover took {failover:?}");
     // Writes continue without the old leader.
-    let other = c
-        .nodes
-        .iter()
-        .find(|n| n.id != old)
-        .expect("other")
-        .id
-        .clone();
+    let other = c.nodes.iter().find(|n| n.id != old).expect("other").id.clone();
     c.cli_ok(&["node", "label", &other, "written=while-down"]);
     // The old leader restarts, rejoins and has everything committed meanwhile.
     c.restart(old_i);
     let leader_now = leader(&c.status().expect("status")).expect("leader");
-    let want = c
-        .json(&["node", "status", &leader_now])
-        .expect("leader status")["state_digest"]
-        .clone();
+    let want = c.json(&["node", "status", &leader_now]).expect("leader status")["state_digest"].clone();
     wait_for("restarted node caught up", Duration::from_secs(10), || {
         let v = c.json(&["node", "status", &old]).ok()?;
         (v["state_digest"] == want).then_some(())
@@ -72,18 +54,11 @@ fn leader_failover_restart_and_full_restart() {
     for i in 0..3 {
         c.restart(i);
     }
-    let s = wait_for(
-        "cluster back after full restart",
-        Duration::from_secs(20),
-        || {
-            let s = c.status().ok()?;
-            (count_role(&s, "voter") == 3 && leader(&s).is_some()).then_some(s)
-        },
-    );
-    let m = members(&s)
-        .into_iter()
-        .find(|m| m["id"] == other.as_str())
-        .expect("member");
+    let s = wait_for("cluster back after full restart", Duration::from_secs(20), || {
+        let s = c.status().ok()?;
+        (count_role(&s, "voter") == 3 && leader(&s).is_some()).then_some(s)
+    });
+    let m = members(&s).into_iter().find(|m| m["id"] == other.as_str()).expect("member");
     assert_eq!(m["labels"]["written"], "while-down", "{s:#}");
 }
 
@@ -94,16 +69,12 @@ fn gossip_sees_a_dead_node_within_three_seconds() {
     let victim = c.nodes[2].id.clone();
     // Everyone sees everyone alive first.
     wait_for("all peers alive", Duration::from_secs(10), || {
-        c.nodes
-            .iter()
-            .all(|n| {
-                c.json(&["node", "status", &n.id]).ok().is_some_and(|v| {
-                    v["peers"]
-                        .as_object()
-                        .is_some_and(|p| p.len() == 2 && p.values().all(|s| s == "alive"))
-                })
-            })
-            .then_some(())
+        c.nodes.iter().all(|n| {
+            c.json(&["node", "status", &n.id])
+                .ok()
+                .is_some_and(|v| v["peers"].as_object().is_some_and(|p| p.len() == 2 && p.values().all(|s| s == "alive")))
+        })
+        .then_some(())
     });
     let killed = Instant::now();
     c.kill9(2);
@@ -127,10 +98,7 @@ fn gossip_sees_a_dead_node_within_three_seconds() {
         assert!(t < Duration::from_millis(3300), "took {t:?}");
     }
     let s = c.status().expect("status");
-    let m = members(&s)
-        .into_iter()
-        .find(|m| m["id"] == victim.as_str())
-        .expect("member");
+    let m = members(&s).into_iter().find(|m| m["id"] == victim.as_str()).expect("member");
     assert_eq!(m["healthy"], false);
     assert_eq!(m["state"], "dead");
 }

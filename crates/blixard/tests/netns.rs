@@ -10,12 +10,7 @@ use std::time::Duration;
 use common::*;
 
 fn sh(args: &[&str]) -> bool {
-    Command::new(args[0])
-        .args(&args[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    Command::new(args[0]).args(&args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 /// Namespaces and links made by this test, removed on drop.
@@ -32,11 +27,7 @@ impl Drop for Net {
 }
 
 fn prerequisites() -> Result<(), String> {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
+    let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
     if !root {
         return Err("not root".into());
     }
@@ -57,9 +48,7 @@ fn nodes_in_two_namespaces_form_a_cluster() {
     }
     let tag = std::process::id() % 10000;
     let (a, b) = (format!("bx{tag}a"), format!("bx{tag}b"));
-    let net = Net {
-        names: vec![a.clone(), b.clone()],
-    };
+    let net = Net { names: vec![a.clone(), b.clone()] };
     let (va, vb) = (format!("vx{tag}a"), format!("vx{tag}b"));
     // 10.77.x.0/24 exists only inside these two namespaces.
     let subnet = 1 + tag % 250;
@@ -67,9 +56,7 @@ fn nodes_in_two_namespaces_form_a_cluster() {
     for cmd in [
         vec!["ip", "netns", "add", &a],
         vec!["ip", "netns", "add", &b],
-        vec![
-            "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
-        ],
+        vec!["ip", "link", "add", &va, "type", "veth", "peer", "name", &vb],
         vec!["ip", "link", "set", &va, "netns", &a],
         vec!["ip", "link", "set", &vb, "netns", &b],
     ] {
@@ -116,37 +103,18 @@ fn nodes_in_two_namespaces_form_a_cluster() {
             .expect("cli")
     };
     let out = cli(&a, &["cluster", "ticket", "--role", "voter"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ticket = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let (mut nb, line) = spawn(&b, "b", &format!("{ip_b}:7000"), &["--join", &ticket]);
-    assert!(
-        line.starts_with("node "),
-        "join failed: {line} {}",
-        std::fs::read_to_string(root.path().join("b.log")).unwrap_or_default()
-    );
+    assert!(line.starts_with("node "), "join failed: {line} {}", std::fs::read_to_string(root.path().join("b.log")).unwrap_or_default());
     // From inside namespace b, the CLI reaches the cluster at a's address.
-    let s = wait_for(
-        "two voters seen from namespace b",
-        Duration::from_secs(20),
-        || {
-            let out = cli(&b, &["--json", "cluster", "status"]);
-            let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            (count_role(&s, "voter") == 2 && members(&s).iter().all(|m| m["healthy"] == true))
-                .then_some(s)
-        },
-    );
-    let addrs: Vec<String> = members(&s)
-        .iter()
-        .map(|m| m["addrs"][0].as_str().unwrap_or("").to_string())
-        .collect();
-    assert!(
-        addrs.contains(&format!("{ip_a}:7000")) && addrs.contains(&format!("{ip_b}:7000")),
-        "{addrs:?}"
-    );
+    let s = wait_for("two voters seen from namespace b", Duration::from_secs(20), || {
+        let out = cli(&b, &["--json", "cluster", "status"]);
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (count_role(&s, "voter") == 2 && members(&s).iter().all(|m| m["healthy"] == true)).then_some(s)
+    });
+    let addrs: Vec<String> = members(&s).iter().map(|m| m["addrs"][0].as_str().unwrap_or("").to_string()).collect();
+    assert!(addrs.contains(&format!("{ip_a}:7000")) && addrs.contains(&format!("{ip_b}:7000")), "{addrs:?}");
     for c in [&mut na, &mut nb] {
         let _ = c.kill();
         let _ = c.wait();

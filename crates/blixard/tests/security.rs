@@ -12,10 +12,7 @@ use blixard_types::{Role, Ticket};
 use common::*;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
 
 /// A stranger: a fresh key the cluster has never seen.
@@ -32,9 +29,7 @@ async fn stranger() -> iroh::Endpoint {
 }
 
 fn digest(c: &Cluster) -> String {
-    c.json(&["node", "status", &c.nodes[0].id])
-        .expect("node status")["state_digest"]
-        .to_string()
+    c.json(&["node", "status", &c.nodes[0].id]).expect("node status")["state_digest"].to_string()
 }
 
 #[test]
@@ -62,19 +57,9 @@ fn unknown_keys_and_bad_tickets_are_refused() {
         // Raft and the client API refuse an unknown key before reading anything.
         for a in [alpn::RAFT, alpn::CLIENT] {
             let pool = Pool::new(ep.clone(), a);
-            let r: Result<ClientResponse, RpcError> = pool
-                .call(
-                    &target.id,
-                    &target.addrs,
-                    &ClientRequest::Status,
-                    Duration::from_secs(5),
-                )
-                .await;
-            assert!(
-                matches!(r, Err(RpcError::Refused { .. })),
-                "{}: {r:?}",
-                String::from_utf8_lossy(a)
-            );
+            let r: Result<ClientResponse, RpcError> =
+                pool.call(&target.id, &target.addrs, &ClientRequest::Status, Duration::from_secs(5)).await;
+            assert!(matches!(r, Err(RpcError::Refused { .. })), "{}: {r:?}", String::from_utf8_lossy(a));
         }
         // Gossip and blobs sit behind the same gate: the handshake completes (the key is
         // authenticated), then the connection is closed as unauthorised, unused.
@@ -100,59 +85,32 @@ fn unknown_keys_and_bad_tickets_are_refused() {
             let join = join.clone();
             let target = target.clone();
             async move {
-                let req = JoinRequest::Node {
-                    ticket,
-                    info: Default::default(),
-                };
-                join.call::<_, JoinResponse>(
-                    &target.id,
-                    &target.addrs,
-                    &req,
-                    Duration::from_secs(10),
-                )
-                .await
+                let req = JoinRequest::Node { ticket, info: Default::default() };
+                join.call::<_, JoinResponse>(&target.id, &target.addrs, &req, Duration::from_secs(10)).await
             }
         };
         let expect_refused = |r: Result<JoinResponse, RpcError>, want: &str| match r {
-            Ok(JoinResponse::Refused(reason)) => {
-                assert!(reason.contains(want), "wanted {want:?}, got {reason:?}")
-            }
+            Ok(JoinResponse::Refused(reason)) => assert!(reason.contains(want), "wanted {want:?}, got {reason:?}"),
             other => panic!("wanted a refusal containing {want:?}, got {other:?}"),
         };
         let mut guessed = Ticket::decode(&t).expect("ticket");
         guessed.secret = [7; 32];
         expect_refused(ask(guessed).await, "unknown ticket");
-        expect_refused(
-            ask(Ticket::decode(&expiring).expect("ticket")).await,
-            "expired",
-        );
+        expect_refused(ask(Ticket::decode(&expiring).expect("ticket")).await, "expired");
         let mut promoted = Ticket::decode(&learner).expect("ticket");
         promoted.role = Role::Voter;
         expect_refused(ask(promoted).await, "grants the learner role");
         let mut wrong = Ticket::decode(&foreign).expect("ticket");
         wrong.peers = Ticket::decode(&t).expect("ticket").peers;
         expect_refused(ask(wrong).await, "is for cluster");
-        expect_refused(
-            ask(Ticket::decode(&client).expect("ticket")).await,
-            "client ticket cannot make a node join",
-        );
+        expect_refused(ask(Ticket::decode(&client).expect("ticket")).await, "client ticket cannot make a node join");
         // A node ticket does not authorise a CLI key.
-        let req = JoinRequest::Client {
-            ticket: Ticket::decode(&t).expect("ticket"),
-        };
-        let r = join
-            .call::<_, JoinResponse>(&target.id, &target.addrs, &req, Duration::from_secs(10))
-            .await;
+        let req = JoinRequest::Client { ticket: Ticket::decode(&t).expect("ticket") };
+        let r = join.call::<_, JoinResponse>(&target.id, &target.addrs, &req, Duration::from_secs(10)).await;
         expect_refused(r, "grants the voter role, not client");
         // Garbage on the join protocol closes the connection; the node keeps serving.
-        let r: Result<JoinResponse, RpcError> = join
-            .call(
-                &target.id,
-                &target.addrs,
-                &vec![0xffu8; 64],
-                Duration::from_secs(5),
-            )
-            .await;
+        let r: Result<JoinResponse, RpcError> =
+            join.call(&target.id, &target.addrs, &vec![0xffu8; 64], Duration::from_secs(5)).await;
         assert!(r.is_err(), "{r:?}");
         ep.close().await;
     });
@@ -162,47 +120,29 @@ fn unknown_keys_and_bad_tickets_are_refused() {
     let i = bad.len() / 2;
     bad[i] = if bad[i] == b'a' { b'b' } else { b'a' };
     let bad = String::from_utf8(bad).expect("ascii");
-    let err = c
-        .spawn(&c.node_dir(7), &["--join", &bad])
-        .expect_err("tampered ticket must fail");
+    let err = c.spawn(&c.node_dir(7), &["--join", &bad]).expect_err("tampered ticket must fail");
     assert!(err.contains("checksum") || err.contains("base32"), "{err}");
 
     // Nothing changed.
-    assert_eq!(
-        digest(&c),
-        before,
-        "cluster state changed after refused requests"
-    );
+    assert_eq!(digest(&c), before, "cluster state changed after refused requests");
     assert_eq!(members(&c.status().expect("status")).len(), members_before);
 
     // A revoked ticket is refused from then on.
-    let made = c
-        .json(&["cluster", "ticket", "--role", "voter"])
-        .expect("ticket");
+    let made = c.json(&["cluster", "ticket", "--role", "voter"]).expect("ticket");
     c.cli_ok(&["cluster", "revoke-ticket", made["id"].as_str().expect("id")]);
-    let err = c
-        .spawn(
-            &c.node_dir(8),
-            &["--join", made["ticket"].as_str().expect("ticket")],
-        )
-        .expect_err("revoked");
+    let err = c.spawn(&c.node_dir(8), &["--join", made["ticket"].as_str().expect("ticket")]).expect_err("revoked");
     assert!(err.contains("revoked"), "{err}");
     // The failed join left nothing to resume: a plain restart says so; a valid ticket works.
     let err = c.spawn(&c.node_dir(8), &[]).expect_err("nothing to resume");
     assert!(err.contains("holds no cluster yet"), "{err}");
     let fresh = c.ticket("voter", "10m");
-    c.spawn(&c.node_dir(8), &["--join", &fresh])
-        .expect("join after a failed join");
+    c.spawn(&c.node_dir(8), &["--join", &fresh]).expect("join after a failed join");
 
     // Secrets never appear in logs: no ticket string, no part of it.
     for n in c.nodes.iter().chain(other.nodes.iter()) {
         let log = c.log_of(&n.dir) + &other.log_of(&n.dir);
         for secret in [&t, &learner, &expiring, &client, &foreign] {
-            assert!(
-                !log.contains(&secret[7..40]),
-                "a ticket appears in the log of {}",
-                n.dir.display()
-            );
+            assert!(!log.contains(&secret[7..40]), "a ticket appears in the log of {}", n.dir.display());
         }
     }
 }

@@ -43,14 +43,8 @@ pub async fn node_with(f: impl FnOnce(&mut ImageStoreOptions)) -> Node {
     let mut opts = ImageStoreOptions::new(dir.path().join("images"));
     f(&mut opts);
     let images = ImageStore::open(ep.clone(), opts).await.unwrap();
-    let router = Router::builder(ep)
-        .accept(ALPN, images.protocol_handler())
-        .spawn();
-    Node {
-        images,
-        router,
-        dir,
-    }
+    let router = Router::builder(ep).accept(ALPN, images.protocol_handler()).spawn();
+    Node { images, router, dir }
 }
 
 pub async fn node() -> Node {
@@ -98,10 +92,7 @@ pub struct CorruptingProxy {
 }
 
 impl ProtocolHandler for CorruptingProxy {
-    async fn accept(
-        &self,
-        conn: iroh::endpoint::Connection,
-    ) -> Result<(), iroh::protocol::AcceptError> {
+    async fn accept(&self, conn: iroh::endpoint::Connection) -> Result<(), iroh::protocol::AcceptError> {
         let up = match self.ep.connect(self.upstream.clone(), ALPN).await {
             Ok(c) => c,
             Err(_) => return Ok(()),
@@ -109,12 +100,8 @@ impl ProtocolHandler for CorruptingProxy {
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             let up = up.clone();
             tokio::spawn(async move {
-                let Ok(req) = recv.read_to_end(64 * 1024).await else {
-                    return;
-                };
-                let Ok((mut usend, mut urecv)) = up.open_bi().await else {
-                    return;
-                };
+                let Ok(req) = recv.read_to_end(64 * 1024).await else { return };
+                let Ok((mut usend, mut urecv)) = up.open_bi().await else { return };
                 if usend.write_all(&req).await.is_err() || usend.finish().is_err() {
                     return;
                 }

@@ -54,15 +54,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{
-    ErrorSubject, ErrorVerb, LogId, LogState, OptionalSend, RaftLogReader, StorageError, Vote,
-};
+use openraft::{ErrorSubject, ErrorVerb, LogId, LogState, OptionalSend, RaftLogReader, StorageError, Vote};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use tracing::Instrument;
 
 use super::{
-    blocking, decode, encode, read_meta, CorruptError, DbError, StorageConfig, KEY_COMMITTED,
-    KEY_LAST_PURGED, KEY_VOTE, LOG, META,
+    blocking, decode, encode, read_meta, CorruptError, DbError, StorageConfig, KEY_COMMITTED, KEY_LAST_PURGED,
+    KEY_VOTE, LOG, META,
 };
 use crate::TypeConfig;
 
@@ -81,10 +79,7 @@ struct PendingEntry<C: StorageConfig> {
 
 impl<C: StorageConfig> Clone for PendingEntry<C> {
     fn clone(&self) -> Self {
-        Self {
-            log_id: self.log_id.clone(),
-            bytes: self.bytes.clone(),
-        }
+        Self { log_id: self.log_id.clone(), bytes: self.bytes.clone() }
     }
 }
 
@@ -101,9 +96,7 @@ struct Shared<C: StorageConfig> {
 }
 
 impl<C: StorageConfig> Shared<C> {
-    fn pending(
-        &self,
-    ) -> std::result::Result<MutexGuard<'_, BTreeMap<u64, PendingEntry<C>>>, DbError> {
+    fn pending(&self) -> std::result::Result<MutexGuard<'_, BTreeMap<u64, PendingEntry<C>>>, DbError> {
         self.pending.lock().map_err(|_| DbError::LogPoisoned)
     }
 
@@ -114,11 +107,7 @@ impl<C: StorageConfig> Shared<C> {
     /// Writes every pending entry in one fsync'd commit; returns how many were written.
     fn flush_pending(&self) -> std::result::Result<usize, DbError> {
         let _flushing = self.flush_lock()?;
-        let batch: Vec<(u64, PendingEntry<C>)> = self
-            .pending()?
-            .iter()
-            .map(|(&i, e)| (i, e.clone()))
-            .collect();
+        let batch: Vec<(u64, PendingEntry<C>)> = self.pending()?.iter().map(|(&i, e)| (i, e.clone())).collect();
         if batch.is_empty() {
             return Ok(0);
         }
@@ -133,10 +122,7 @@ impl<C: StorageConfig> Shared<C> {
         let mut pending = self.pending()?;
         for (index, written) in &batch {
             // An entry truncated and re-appended meanwhile has another log id: keep it.
-            if pending
-                .get(index)
-                .is_some_and(|p| p.log_id == written.log_id)
-            {
+            if pending.get(index).is_some_and(|p| p.log_id == written.log_id) {
                 pending.remove(index);
             }
         }
@@ -151,11 +137,7 @@ fn run_flusher<C: StorageConfig>(shared: Arc<Shared<C>>, rx: mpsc::Receiver<Flus
         done.extend(rx.try_iter());
         match shared.flush_pending() {
             Ok(n) => {
-                tracing::trace!(
-                    entries = n,
-                    appends = done.len(),
-                    "flushed raft log entries"
-                );
+                tracing::trace!(entries = n, appends = done.len(), "flushed raft log entries");
                 for d in done {
                     d(Ok(()));
                 }
@@ -205,11 +187,7 @@ impl<C: StorageConfig> LogStore<C> {
             flush_lock: Mutex::new(()),
             flush_commits: AtomicU64::new(0),
         };
-        Self {
-            shared: Arc::new(shared),
-            inline_io,
-            flusher: None,
-        }
+        Self { shared: Arc::new(shared), inline_io, flusher: None }
     }
 
     #[cfg(test)]
@@ -251,15 +229,9 @@ impl<C: StorageConfig> LogStore<C> {
                 .name("raft-log-flush".into())
                 .spawn(move || run_flusher(shared, rx))
                 .map_err(|e| DbError::Task(format!("cannot start the raft log flusher: {e}")))?;
-            self.flusher = Some(Flusher {
-                tx: Some(tx),
-                thread: Some(thread),
-            });
+            self.flusher = Some(Flusher { tx: Some(tx), thread: Some(thread) });
         }
-        self.flusher
-            .as_ref()
-            .and_then(|f| f.tx.as_ref())
-            .ok_or(DbError::FlusherGone)
+        self.flusher.as_ref().and_then(|f| f.tx.as_ref()).ok_or(DbError::FlusherGone)
     }
 
     /// The group-commit append: buffers the encoded entries, queues `done` for the flusher.
@@ -276,13 +248,7 @@ impl<C: StorageConfig> LogStore<C> {
         match self.shared.pending() {
             Ok(mut pending) => {
                 for (log_id, bytes) in rows {
-                    pending.insert(
-                        log_id.index,
-                        PendingEntry {
-                            log_id,
-                            bytes: bytes.into(),
-                        },
-                    );
+                    pending.insert(log_id.index, PendingEntry { log_id, bytes: bytes.into() });
                 }
             }
             Err(e) => return fail(e, done),
@@ -317,17 +283,13 @@ impl<C: StorageConfig> Drop for LogStore<C> {
 
 impl<C: StorageConfig> Clone for LogReader<C> {
     fn clone(&self) -> Self {
-        Self {
-            shared: self.shared.clone(),
-        }
+        Self { shared: self.shared.clone() }
     }
 }
 
 impl<C: StorageConfig> fmt::Debug for LogStore<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LogStore")
-            .field("inline_io", &self.inline_io)
-            .finish_non_exhaustive()
+        f.debug_struct("LogStore").field("inline_io", &self.inline_io).finish_non_exhaustive()
     }
 }
 
@@ -352,10 +314,7 @@ pub(crate) fn inclusive_range(range: &impl RangeBounds<u64>) -> Option<(u64, u64
     (first <= last).then_some((first, last))
 }
 
-fn decode_entry<C: StorageConfig>(
-    index: u64,
-    bytes: &[u8],
-) -> std::result::Result<C::Entry, CorruptError> {
+fn decode_entry<C: StorageConfig>(index: u64, bytes: &[u8]) -> std::result::Result<C::Entry, CorruptError> {
     let entry: C::Entry = decode(|| format!("log entry at index {index}"), bytes)?;
     if entry.log_id.index != index {
         return Err(CorruptError::new(
@@ -377,10 +336,8 @@ fn read_entries<C: StorageConfig>(
     // Copy the pending rows and open the read transaction under one lock: see the module docs.
     let (pending, txn) = {
         let pending = shared.pending()?;
-        let rows: BTreeMap<u64, Arc<[u8]>> = pending
-            .range(first..=last)
-            .map(|(&i, e)| (i, e.bytes.clone()))
-            .collect();
+        let rows: BTreeMap<u64, Arc<[u8]>> =
+            pending.range(first..=last).map(|(&i, e)| (i, e.bytes.clone())).collect();
         (rows, shared.db.begin_read()?)
     };
     let table = txn.open_table(LOG)?;
@@ -413,8 +370,8 @@ fn read_entries_edge<C: StorageConfig>(
     shared: &Shared<C>,
     range: impl RangeBounds<u64> + Clone + Debug,
 ) -> Result<Vec<C::Entry>, C> {
-    let entries = read_entries::<C>(shared, range.clone())
-        .map_err(|e| e.into_storage::<C>(ErrorSubject::Logs, ErrorVerb::Read))?;
+    let entries =
+        read_entries::<C>(shared, range.clone()).map_err(|e| e.into_storage::<C>(ErrorSubject::Logs, ErrorVerb::Read))?;
     tracing::trace!(?range, n = entries.len(), "read log entries");
     Ok(entries)
 }
@@ -440,10 +397,7 @@ impl<C: StorageConfig> RaftLogReader<C> for LogStore<C> {
 fn log_state<C: StorageConfig>(shared: &Shared<C>) -> std::result::Result<LogState<C>, DbError> {
     let (last_pending, txn) = {
         let pending = shared.pending()?;
-        let last = pending
-            .iter()
-            .next_back()
-            .map(|(&i, e)| (i, e.log_id.clone()));
+        let last = pending.iter().next_back().map(|(&i, e)| (i, e.log_id.clone()));
         (last, shared.db.begin_read()?)
     };
     let last_purged_log_id: Option<LogId<C::NodeId>> = {
@@ -464,10 +418,7 @@ fn log_state<C: StorageConfig>(shared: &Shared<C>) -> std::result::Result<LogSta
         (None, None) => None,
     };
     let last_log_id = last.or_else(|| last_purged_log_id.clone());
-    Ok(LogState {
-        last_purged_log_id,
-        last_log_id,
-    })
+    Ok(LogState { last_purged_log_id, last_log_id })
 }
 
 /// One write transaction, fsync'd on commit unless `durability` says otherwise.
@@ -487,14 +438,11 @@ impl<C: StorageConfig> RaftLogStorage<C> for LogStore<C> {
     type LogReader = LogReader<C>;
 
     async fn get_log_state(&mut self) -> Result<LogState<C>, C> {
-        log_state::<C>(&self.shared)
-            .map_err(|e| e.into_storage::<C>(ErrorSubject::Logs, ErrorVerb::Read))
+        log_state::<C>(&self.shared).map_err(|e| e.into_storage::<C>(ErrorSubject::Logs, ErrorVerb::Read))
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
-        LogReader {
-            shared: self.shared.clone(),
-        }
+        LogReader { shared: self.shared.clone() }
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(vote = %vote))]
@@ -513,8 +461,7 @@ impl<C: StorageConfig> RaftLogStorage<C> for LogStore<C> {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<C::NodeId>>, C> {
-        read_meta(&self.shared.db, KEY_VOTE)
-            .map_err(|e| e.into_storage::<C>(ErrorSubject::Vote, ErrorVerb::Read))
+        read_meta(&self.shared.db, KEY_VOTE).map_err(|e| e.into_storage::<C>(ErrorSubject::Vote, ErrorVerb::Read))
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<C::NodeId>>) -> Result<(), C> {
@@ -525,8 +472,7 @@ impl<C: StorageConfig> RaftLogStorage<C> for LogStore<C> {
         // Not fsync'd: see the module docs. It becomes durable with the next log write.
         blocking(self.inline_io, move || {
             write(&db, Durability::None, |txn| {
-                txn.open_table(META)?
-                    .insert(KEY_COMMITTED, bytes.as_slice())?;
+                txn.open_table(META)?.insert(KEY_COMMITTED, bytes.as_slice())?;
                 Ok(())
             })
         })
@@ -547,15 +493,11 @@ impl<C: StorageConfig> RaftLogStorage<C> for LogStore<C> {
     {
         let mut rows = Vec::new();
         for entry in entries {
-            let bytes = encode("log entry", &entry).map_err(|e| {
-                e.into_storage::<C>(ErrorSubject::Log(entry.log_id.clone()), ErrorVerb::Write)
-            })?;
+            let bytes = encode("log entry", &entry)
+                .map_err(|e| e.into_storage::<C>(ErrorSubject::Log(entry.log_id.clone()), ErrorVerb::Write))?;
             rows.push((entry.log_id, bytes));
         }
-        let (Some(first), Some(last)) = (
-            rows.first().map(|r| r.0.clone()),
-            rows.last().map(|r| r.0.clone()),
-        ) else {
+        let (Some(first), Some(last)) = (rows.first().map(|r| r.0.clone()), rows.last().map(|r| r.0.clone())) else {
             callback.log_io_completed(Ok(()));
             return Ok(());
         };
@@ -564,10 +506,7 @@ impl<C: StorageConfig> RaftLogStorage<C> for LogStore<C> {
             let _enter = span.enter();
             // Group commit: readable now, durable (and reported) once the flusher commits.
             return self
-                .enqueue(
-                    rows,
-                    Box::new(move |result| callback.log_io_completed(result)),
-                )
+                .enqueue(rows, Box::new(move |result| callback.log_io_completed(result)))
                 .map_err(|e| e.into_storage::<C>(ErrorSubject::Logs, ErrorVerb::Write));
         }
         let db = self.shared.db.clone();
@@ -634,8 +573,7 @@ impl<C: StorageConfig> RaftLogStorage<C> for LogStore<C> {
                 if previous.is_some_and(|p| p.index >= log_id.index) {
                     return Ok(false);
                 }
-                txn.open_table(LOG)?
-                    .retain_in(..=log_id.index, |_, _| false)?;
+                txn.open_table(LOG)?.retain_in(..=log_id.index, |_, _| false)?;
                 meta.insert(KEY_LAST_PURGED, bytes.as_slice())?;
                 Ok(true)
             })?;

@@ -50,9 +50,7 @@ mod state_machine;
 mod tests;
 
 pub use log_store::{LogReader, LogStore};
-pub use state_machine::{
-    Applied, AppliedEntry, SharedState, SnapshotBlob, SnapshotBuilder, StateMachineStore,
-};
+pub use state_machine::{Applied, AppliedEntry, SharedState, SnapshotBlob, SnapshotBuilder, StateMachineStore};
 
 /// Durability level re-exported for the docs above.
 pub use redb::Durability;
@@ -62,22 +60,12 @@ pub use redb::Durability;
 ///
 /// Only [`TypeConfig`] is used in production; the tests also use a config with `u64` node ids.
 pub trait StorageConfig:
-    RaftTypeConfig<
-    D = Request,
-    R = Response,
-    Entry = openraft::Entry<Self>,
-    SnapshotData = Cursor<Vec<u8>>,
->
+    RaftTypeConfig<D = Request, R = Response, Entry = openraft::Entry<Self>, SnapshotData = Cursor<Vec<u8>>>
 {
 }
 
 impl<C> StorageConfig for C where
-    C: RaftTypeConfig<
-        D = Request,
-        R = Response,
-        Entry = openraft::Entry<C>,
-        SnapshotData = Cursor<Vec<u8>>,
-    >
+    C: RaftTypeConfig<D = Request, R = Response, Entry = openraft::Entry<C>, SnapshotData = Cursor<Vec<u8>>>
 {
 }
 
@@ -109,11 +97,7 @@ pub enum OpenError {
     },
     /// The file was written by a build with another layout.
     #[error("raft store {} has format version {found}; this build reads version {supported}", path.display())]
-    UnsupportedVersion {
-        path: PathBuf,
-        found: u32,
-        supported: u32,
-    },
+    UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },
     /// A row needed at startup (schema version, persisted snapshot) does not decode.
     #[error("raft store {} is corrupt", path.display())]
     Corrupt {
@@ -133,10 +117,7 @@ pub struct CorruptError {
 
 impl CorruptError {
     pub(crate) fn new(what: impl Into<String>, reason: impl fmt::Display) -> Self {
-        Self {
-            what: what.into(),
-            reason: reason.to_string(),
-        }
+        Self { what: what.into(), reason: reason.to_string() }
     }
 
     /// What is corrupt, e.g. `log entry at index 7`.
@@ -195,17 +176,11 @@ impl DbError {
 
 /// Postcard-encodes a value about to be stored.
 pub(crate) fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, DbError> {
-    postcard::to_allocvec(value).map_err(|e| DbError::Encode {
-        what,
-        reason: e.to_string(),
-    })
+    postcard::to_allocvec(value).map_err(|e| DbError::Encode { what, reason: e.to_string() })
 }
 
 /// Decodes bytes read from the store; `what` names them in the error.
-pub(crate) fn decode<T: DeserializeOwned>(
-    what: impl FnOnce() -> String,
-    bytes: &[u8],
-) -> Result<T, CorruptError> {
+pub(crate) fn decode<T: DeserializeOwned>(what: impl FnOnce() -> String, bytes: &[u8]) -> Result<T, CorruptError> {
     postcard::from_bytes(bytes).map_err(|e| CorruptError::new(what(), e))
 }
 
@@ -219,9 +194,7 @@ where
     if inline {
         return f();
     }
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| DbError::Task(e.to_string()))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| DbError::Task(e.to_string()))?
 }
 
 /// How to open the store. The default is what production uses.
@@ -253,9 +226,7 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
 }
 
 /// [`open`] for any [`StorageConfig`].
-pub fn open_with<C: StorageConfig>(
-    path: &Path,
-) -> Result<(LogStore<C>, StateMachineStore<C>), OpenError> {
+pub fn open_with<C: StorageConfig>(path: &Path) -> Result<(LogStore<C>, StateMachineStore<C>), OpenError> {
     open_with_options::<C>(path, OpenOptions::default())
 }
 
@@ -267,27 +238,16 @@ pub fn open_with_options<C: StorageConfig>(
     let span = tracing::debug_span!("raft_store_open", path = %path.display());
     let _guard = span.enter();
     let db_err = |e: DbError| match e {
-        DbError::Redb(source) => OpenError::Database {
-            path: path.to_owned(),
-            source,
-        },
-        DbError::Corrupt(source) => OpenError::Corrupt {
-            path: path.to_owned(),
-            source,
-        },
-        other => OpenError::Corrupt {
-            path: path.to_owned(),
-            source: CorruptError::new("raft store", other),
-        },
+        DbError::Redb(source) => OpenError::Database { path: path.to_owned(), source },
+        DbError::Corrupt(source) => OpenError::Corrupt { path: path.to_owned(), source },
+        other => OpenError::Corrupt { path: path.to_owned(), source: CorruptError::new("raft store", other) },
     };
     let db = Database::create(path).map_err(|e| db_err(DbError::from(e)))?;
     prepare_tables(&db).map_err(|e| match e {
         Prepared::Db(e) => db_err(e),
-        Prepared::Version(found) => OpenError::UnsupportedVersion {
-            path: path.to_owned(),
-            found,
-            supported: SCHEMA_VERSION,
-        },
+        Prepared::Version(found) => {
+            OpenError::UnsupportedVersion { path: path.to_owned(), found, supported: SCHEMA_VERSION }
+        }
     })?;
     let db = Arc::new(db);
     let (applied, counter) = state_machine::load::<C>(&db).map_err(db_err)?;
@@ -297,10 +257,7 @@ pub fn open_with_options<C: StorageConfig>(
         "raft store opened"
     );
     let inline = options.inline_io;
-    Ok((
-        LogStore::new(db.clone(), inline),
-        StateMachineStore::new(db, applied, counter, inline),
-    ))
+    Ok((LogStore::new(db.clone(), inline), StateMachineStore::new(db, applied, counter, inline)))
 }
 
 enum Prepared {
@@ -330,10 +287,7 @@ fn prepare_tables(db: &Database) -> Result<(), Prepared> {
             Some(SCHEMA_VERSION) => {}
             Some(other) => return Err(Prepared::Version(other)),
             None => {
-                meta.insert(
-                    KEY_SCHEMA,
-                    encode("schema version", &SCHEMA_VERSION)?.as_slice(),
-                )?;
+                meta.insert(KEY_SCHEMA, encode("schema version", &SCHEMA_VERSION)?.as_slice())?;
             }
         }
     }
@@ -342,10 +296,7 @@ fn prepare_tables(db: &Database) -> Result<(), Prepared> {
 }
 
 /// Reads and decodes one `raft_meta` row.
-pub(crate) fn read_meta<T: DeserializeOwned>(
-    db: &Database,
-    key: &'static str,
-) -> Result<Option<T>, DbError> {
+pub(crate) fn read_meta<T: DeserializeOwned>(db: &Database, key: &'static str) -> Result<Option<T>, DbError> {
     let txn = db.begin_read()?;
     let table = txn.open_table(META)?;
     let value = match table.get(key)? {
@@ -376,7 +327,5 @@ pub fn default_config() -> openraft::Config {
     // The values above are constants and pass validation (see the test); a failure here is
     // a programming error, caught by that test.
     #[allow(clippy::expect_used)]
-    config
-        .validate()
-        .expect("the built-in raft config is valid")
+    config.validate().expect("the built-in raft config is valid")
 }

@@ -10,24 +10,23 @@ use blixard_state::ClusterState;
 use blixard_types::CommandResult;
 use openraft::storage::RaftStateMachine;
 use openraft::{
-    EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot,
-    SnapshotMeta, StorageError, StoredMembership,
+    EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageError, StoredMembership,
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use super::{
-    blocking, decode, encode, read_meta, CorruptError, DbError, StorageConfig,
-    KEY_SNAPSHOT_COUNTER, KEY_SNAPSHOT_DATA, KEY_SNAPSHOT_META, META, SNAPSHOT,
+    blocking, decode, encode, read_meta, CorruptError, DbError, StorageConfig, KEY_SNAPSHOT_COUNTER, KEY_SNAPSHOT_DATA,
+    KEY_SNAPSHOT_META, META, SNAPSHOT,
 };
 use crate::TypeConfig;
 
 type Result<T, C> = std::result::Result<T, StorageError<<C as openraft::RaftTypeConfig>::NodeId>>;
 /// A persisted snapshot: its metadata and bytes.
 type Persisted<C> = (Meta<C>, Vec<u8>);
-type Meta<C> =
-    SnapshotMeta<<C as openraft::RaftTypeConfig>::NodeId, <C as openraft::RaftTypeConfig>::Node>;
+type Meta<C> = SnapshotMeta<<C as openraft::RaftTypeConfig>::NodeId, <C as openraft::RaftTypeConfig>::Node>;
 
 /// What the state machine has applied: the cluster state and the raft bookkeeping that goes
 /// with it. Read it through [`StateMachineStore::shared`].
@@ -41,21 +40,13 @@ pub struct Applied<C: StorageConfig = TypeConfig> {
 
 impl<C: StorageConfig> Default for Applied<C> {
     fn default() -> Self {
-        Self {
-            state: ClusterState::default(),
-            last_applied: None,
-            membership: StoredMembership::default(),
-        }
+        Self { state: ClusterState::default(), last_applied: None, membership: StoredMembership::default() }
     }
 }
 
 impl<C: StorageConfig> Clone for Applied<C> {
     fn clone(&self) -> Self {
-        Self {
-            state: self.state.clone(),
-            last_applied: self.last_applied.clone(),
-            membership: self.membership.clone(),
-        }
+        Self { state: self.state.clone(), last_applied: self.last_applied.clone(), membership: self.membership.clone() }
     }
 }
 
@@ -78,33 +69,18 @@ pub type SharedState<C = TypeConfig> = Arc<RwLock<Applied<C>>>;
 #[derive(Serialize, Deserialize)]
 #[serde(bound = "")]
 pub enum SnapshotBlob<C: StorageConfig = TypeConfig> {
-    V1 {
-        state: ClusterState,
-        last_applied: Option<LogId<C::NodeId>>,
-        membership: StoredMembership<C::NodeId, C::Node>,
-    },
+    V1 { state: ClusterState, last_applied: Option<LogId<C::NodeId>>, membership: StoredMembership<C::NodeId, C::Node> },
 }
 
 impl<C: StorageConfig> SnapshotBlob<C> {
     /// Decodes snapshot bytes and checks them against their metadata.
     pub fn decode(meta: &Meta<C>, bytes: &[u8]) -> std::result::Result<Applied<C>, CorruptError> {
         let what = || format!("snapshot {}", meta.snapshot_id);
-        let SnapshotBlob::V1 {
-            state,
-            last_applied,
-            membership,
-        } = decode::<Self>(what, bytes)?;
+        let SnapshotBlob::V1 { state, last_applied, membership } = decode::<Self>(what, bytes)?;
         if last_applied != meta.last_log_id || membership != meta.last_membership {
-            return Err(CorruptError::new(
-                what(),
-                "its data does not match its metadata",
-            ));
+            return Err(CorruptError::new(what(), "its data does not match its metadata"));
         }
-        Ok(Applied {
-            state,
-            last_applied,
-            membership,
-        })
+        Ok(Applied { state, last_applied, membership })
     }
 }
 
@@ -155,12 +131,7 @@ impl<C: StorageConfig> fmt::Debug for SnapshotBuilder<C> {
 }
 
 impl<C: StorageConfig> StateMachineStore<C> {
-    pub(crate) fn new(
-        db: Arc<Database>,
-        applied: Applied<C>,
-        snapshot_counter: u64,
-        inline_io: bool,
-    ) -> Self {
+    pub(crate) fn new(db: Arc<Database>, applied: Applied<C>, snapshot_counter: u64, inline_io: bool) -> Self {
         let index = applied.last_applied.as_ref().map(|l| l.index).unwrap_or(0);
         Self {
             db,
@@ -200,9 +171,7 @@ fn poisoned<C: StorageConfig>(verb: ErrorVerb) -> StorageError<C::NodeId> {
 }
 
 /// Loads the persisted snapshot (if any) and the snapshot counter at startup.
-pub(crate) fn load<C: StorageConfig>(
-    db: &Database,
-) -> std::result::Result<(Applied<C>, u64), DbError> {
+pub(crate) fn load<C: StorageConfig>(db: &Database) -> std::result::Result<(Applied<C>, u64), DbError> {
     let counter: u64 = read_meta(db, KEY_SNAPSHOT_COUNTER)?.unwrap_or(0);
     let applied = match read_snapshot::<C>(db)? {
         Some((meta, data)) => {
@@ -216,9 +185,7 @@ pub(crate) fn load<C: StorageConfig>(
 }
 
 /// Reads the persisted snapshot's metadata and bytes.
-fn read_snapshot<C: StorageConfig>(
-    db: &Database,
-) -> std::result::Result<Option<Persisted<C>>, DbError> {
+fn read_snapshot<C: StorageConfig>(db: &Database) -> std::result::Result<Option<Persisted<C>>, DbError> {
     let txn = db.begin_read()?;
     let table = txn.open_table(SNAPSHOT)?;
     let meta: Option<Meta<C>> = match table.get(KEY_SNAPSHOT_META)? {
@@ -229,9 +196,7 @@ fn read_snapshot<C: StorageConfig>(
     match (meta, data) {
         (Some(meta), Some(data)) => Ok(Some((meta, data))),
         (None, None) => Ok(None),
-        _ => Err(
-            CorruptError::new("snapshot", "one of its metadata and data rows is missing").into(),
-        ),
+        _ => Err(CorruptError::new("snapshot", "one of its metadata and data rows is missing").into()),
     }
 }
 
@@ -248,24 +213,17 @@ fn persist_snapshot<C: StorageConfig>(
     txn.set_durability(Durability::Immediate)?;
     let written = {
         if let Some(counter) = counter {
-            txn.open_table(META)?.insert(
-                KEY_SNAPSHOT_COUNTER,
-                encode("snapshot counter", &counter)?.as_slice(),
-            )?;
+            txn.open_table(META)?.insert(KEY_SNAPSHOT_COUNTER, encode("snapshot counter", &counter)?.as_slice())?;
         }
         let mut table = txn.open_table(SNAPSHOT)?;
         let existing: Option<Meta<C>> = match table.get(KEY_SNAPSHOT_META)? {
             // A row that no longer decodes is replaced by this good snapshot.
             Some(v) => decode(|| "snapshot metadata".into(), v.value())
-                .inspect_err(
-                    |e| tracing::warn!(error = %e, "replacing an unreadable persisted snapshot"),
-                )
+                .inspect_err(|e| tracing::warn!(error = %e, "replacing an unreadable persisted snapshot"))
                 .ok(),
             None => None,
         };
-        let newer_exists = existing
-            .as_ref()
-            .is_some_and(|e| e.last_log_id > meta.last_log_id);
+        let newer_exists = existing.as_ref().is_some_and(|e| e.last_log_id > meta.last_log_id);
         if !newer_exists {
             table.insert(KEY_SNAPSHOT_META, meta_bytes.as_slice())?;
             table.insert(KEY_SNAPSHOT_DATA, data.as_slice())?;
@@ -279,75 +237,39 @@ fn persist_snapshot<C: StorageConfig>(
 impl<C: StorageConfig> RaftSnapshotBuilder<C> for SnapshotBuilder<C> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<C>, C> {
         let blob = {
-            let applied = self
-                .shared
-                .read()
-                .map_err(|_| poisoned::<C>(ErrorVerb::Read))?;
+            let applied = self.shared.read().map_err(|_| poisoned::<C>(ErrorVerb::Read))?;
             SnapshotBlob::<C>::V1 {
                 state: applied.state.clone(),
                 last_applied: applied.last_applied.clone(),
                 membership: applied.membership.clone(),
             }
         };
-        let SnapshotBlob::V1 {
-            last_applied,
-            membership,
-            ..
-        } = &blob;
+        let SnapshotBlob::V1 { last_applied, membership, .. } = &blob;
         let n = self.snapshot_counter.fetch_add(1, Ordering::Relaxed) + 1;
         let snapshot_id = match last_applied {
             Some(id) => format!("{}-{}-{n}", id.leader_id.term, id.index),
             None => format!("none-{n}"),
         };
-        let meta = Meta::<C> {
-            last_log_id: last_applied.clone(),
-            last_membership: membership.clone(),
-            snapshot_id,
-        };
+        let meta = Meta::<C> { last_log_id: last_applied.clone(), last_membership: membership.clone(), snapshot_id };
         let span = tracing::debug_span!("build_snapshot", snapshot = %meta);
-        let data = encode("snapshot", &blob).map_err(|e| {
-            e.into_storage::<C>(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Write,
-            )
-        })?;
+        let data = encode("snapshot", &blob)
+            .map_err(|e| e.into_storage::<C>(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write))?;
         let db = self.db.clone();
         let persist_meta = meta.clone();
-        let (written, data) = blocking(self.inline_io, move || {
-            persist_snapshot::<C>(&db, &persist_meta, data, Some(n))
-        })
-        .instrument(span.clone())
-        .await
-        .map_err(|e| {
-            e.into_storage::<C>(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Write,
-            )
-        })?;
+        let (written, data) = blocking(self.inline_io, move || persist_snapshot::<C>(&db, &persist_meta, data, Some(n)))
+            .instrument(span.clone())
+            .await
+            .map_err(|e| e.into_storage::<C>(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write))?;
         span.in_scope(|| tracing::debug!(bytes = data.len(), written, "snapshot built"));
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
 
 impl<C: StorageConfig> RaftStateMachine<C> for StateMachineStore<C> {
     type SnapshotBuilder = SnapshotBuilder<C>;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<
-        (
-            Option<LogId<C::NodeId>>,
-            StoredMembership<C::NodeId, C::Node>,
-        ),
-        C,
-    > {
-        let applied = self
-            .shared
-            .read()
-            .map_err(|_| poisoned::<C>(ErrorVerb::Read))?;
+    async fn applied_state(&mut self) -> Result<(Option<LogId<C::NodeId>>, StoredMembership<C::NodeId, C::Node>), C> {
+        let applied = self.shared.read().map_err(|_| poisoned::<C>(ErrorVerb::Read))?;
         Ok((applied.last_applied.clone(), applied.membership.clone()))
     }
 
@@ -356,10 +278,7 @@ impl<C: StorageConfig> RaftStateMachine<C> for StateMachineStore<C> {
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut applied = self
-            .shared
-            .write()
-            .map_err(|_| poisoned::<C>(ErrorVerb::Write))?;
+        let mut applied = self.shared.write().map_err(|_| poisoned::<C>(ErrorVerb::Write))?;
         let mut responses = Vec::new();
         for entry in entries {
             applied.last_applied = Some(entry.log_id.clone());
@@ -410,11 +329,7 @@ impl<C: StorageConfig> RaftStateMachine<C> for StateMachineStore<C> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &Meta<C>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), C> {
+    async fn install_snapshot(&mut self, meta: &Meta<C>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), C> {
         let span = tracing::debug_span!("install_snapshot", snapshot = %meta);
         let subject = || ErrorSubject::Snapshot(Some(meta.signature()));
         let data = snapshot.into_inner();
@@ -424,17 +339,12 @@ impl<C: StorageConfig> RaftStateMachine<C> for StateMachineStore<C> {
             .map_err(|e| DbError::from(e).into_storage::<C>(subject(), ErrorVerb::Read))?;
         let db = self.db.clone();
         let persist_meta = meta.clone();
-        let (written, data) = blocking(self.inline_io, move || {
-            persist_snapshot::<C>(&db, &persist_meta, data, None)
-        })
-        .instrument(span.clone())
-        .await
-        .map_err(|e| e.into_storage::<C>(subject(), ErrorVerb::Write))?;
+        let (written, data) = blocking(self.inline_io, move || persist_snapshot::<C>(&db, &persist_meta, data, None))
+            .instrument(span.clone())
+            .await
+            .map_err(|e| e.into_storage::<C>(subject(), ErrorVerb::Write))?;
         {
-            let mut applied = self
-                .shared
-                .write()
-                .map_err(|_| poisoned::<C>(ErrorVerb::Write))?;
+            let mut applied = self.shared.write().map_err(|_| poisoned::<C>(ErrorVerb::Write))?;
             *applied = new_applied;
             if let Some(l) = &applied.last_applied {
                 self.applied_tx.send_replace(l.index);
@@ -447,10 +357,7 @@ impl<C: StorageConfig> RaftStateMachine<C> for StateMachineStore<C> {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<C>>, C> {
         let snapshot = read_snapshot::<C>(&self.db)
             .map_err(|e| e.into_storage::<C>(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
-        Ok(snapshot.map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        }))
+        Ok(snapshot.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
 

@@ -27,11 +27,7 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new() -> Self {
-        Self {
-            root: tempfile::tempdir().expect("tempdir"),
-            nodes: Vec::new(),
-            client_ticket: None,
-        }
+        Self { root: tempfile::tempdir().expect("tempdir"), nodes: Vec::new(), client_ticket: None }
     }
 
     pub fn cli_config(&self) -> PathBuf {
@@ -46,20 +42,12 @@ impl Cluster {
     /// "node ID listening" line.
     pub fn spawn(&mut self, dir: &Path, args: &[&str]) -> Result<String, String> {
         let mut cmd = Command::new(BIN);
-        cmd.args(["node", "run", "--data-dir"])
-            .arg(dir)
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .args(args);
-        cmd.env("RUST_LOG", "info,openraft=warn,iroh_blobs=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
+        cmd.args(["node", "run", "--data-dir"]).arg(dir).args(["--metrics-listen", "127.0.0.1:0"]).args(args);
+        cmd.env("RUST_LOG", "info,openraft=warn,iroh_blobs=warn").stdin(Stdio::null()).stdout(Stdio::piped());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.root.path().join(format!(
-                "{}.log",
-                dir.file_name().and_then(|n| n.to_str()).unwrap_or("node")
-            )))
+            .open(self.root.path().join(format!("{}.log", dir.file_name().and_then(|n| n.to_str()).unwrap_or("node"))))
             .map_err(|e| e.to_string())?;
         cmd.stderr(log);
         let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
@@ -76,23 +64,12 @@ impl Cluster {
             Ok(Some(Ok(l))) => l,
             _ => {
                 let status = child.wait().map_err(|e| e.to_string())?;
-                return Err(format!(
-                    "node exited ({status}) before it was ready; log: {}",
-                    self.log_of(dir)
-                ));
+                return Err(format!("node exited ({status}) before it was ready; log: {}", self.log_of(dir)));
             }
         };
-        let id = line
-            .split_whitespace()
-            .nth(1)
-            .ok_or("bad ready line")?
-            .to_string();
+        let id = line.split_whitespace().nth(1).ok_or("bad ready line")?.to_string();
         let idx = self.nodes.iter().position(|n| n.dir == dir);
-        let proc_ = NodeProc {
-            dir: dir.to_path_buf(),
-            child: Some(child),
-            id: id.clone(),
-        };
+        let proc_ = NodeProc { dir: dir.to_path_buf(), child: Some(child), id: id.clone() };
         match idx {
             Some(i) => self.nodes[i] = proc_,
             None => self.nodes.push(proc_),
@@ -127,16 +104,12 @@ impl Cluster {
     /// ticket).
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(BIN);
-        cmd.env("BLIXARD_CONFIG_DIR", self.cli_config())
-            .env_remove("BLIXARD_TICKET");
+        cmd.env("BLIXARD_CONFIG_DIR", self.cli_config()).env_remove("BLIXARD_TICKET");
         match &self.client_ticket {
             Some(t) => cmd.arg("--ticket").arg(t),
             None => cmd.arg("--data-dir").arg(self.node_dir(0)),
         };
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run cli")
+        cmd.args(args).stdin(Stdio::null()).output().expect("run cli")
     }
 
     pub fn cli_ok(&self, args: &[&str]) -> Output {
@@ -179,10 +152,7 @@ impl Cluster {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 if let Ok(Some(status)) = c.try_wait() {
@@ -205,10 +175,7 @@ impl Cluster {
     }
 
     pub fn index_of(&self, id: &str) -> usize {
-        self.nodes
-            .iter()
-            .position(|n| n.id == id)
-            .expect("known node")
+        self.nodes.iter().position(|n| n.id == id).expect("known node")
     }
 }
 
@@ -222,11 +189,7 @@ impl Drop for Cluster {
         }
         if std::thread::panicking() {
             for n in &self.nodes {
-                eprintln!(
-                    "==== log of {} ====\n{}",
-                    n.dir.display(),
-                    tail(&self.log_of(&n.dir), 60)
-                );
+                eprintln!("==== log of {} ====\n{}", n.dir.display(), tail(&self.log_of(&n.dir), 60));
             }
         }
     }
@@ -279,29 +242,24 @@ pub fn three_nodes() -> Cluster {
     c
 }
 
+
 /// GETs /metrics from the node whose data dir is `dir` (its address is in node.json).
 pub fn scrape(dir: &std::path::Path) -> String {
     use std::io::{Read, Write};
     let local: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("node.json")).expect("node.json"))
-            .expect("json");
+        serde_json::from_str(&std::fs::read_to_string(dir.join("node.json")).expect("node.json")).expect("json");
     let addr = local["metrics"].as_str().expect("metrics address recorded");
     let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .expect("write");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
     let mut resp = String::new();
     s.read_to_string(&mut resp).expect("read");
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    resp.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
+    resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
 }
 
 /// The value of an unlabelled or labelled sample (`name` or `name{labels}`) in a scrape.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+    text.lines().find(|l| l.split_whitespace().next() == Some(name)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
 }
 
 /// CI sets `BLIXARD_REQUIRE_REAL=1`: a missing prerequisite fails the test instead of
@@ -312,6 +270,5 @@ pub fn require_real() -> bool {
 
 /// Whether `bin` is on PATH.
 pub fn on_path(bin: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
 }
