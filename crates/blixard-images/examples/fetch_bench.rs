@@ -7,6 +7,9 @@
 //! Defaults: 1024 MiB in a temp dir under /var/tmp. Prints one line per measurement.
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -45,27 +48,6 @@ fn vm_hwm_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn write_random(path: &Path, len: u64) {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        for c in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
-    f.flush().unwrap();
-    f.get_ref().sync_all().unwrap();
-}
-
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -78,7 +60,7 @@ async fn main() {
     let w = work.path();
     let size = mib << 20;
     let disk = w.join("disk.img");
-    write_random(&disk, size);
+    common::random_file(&disk, size, 0x9E37_79B9_7F4A_7C15).unwrap();
     std::fs::write(w.join("kernel"), vec![1u8; 8 << 20]).unwrap();
     std::fs::write(w.join("initrd"), vec![2u8; 2 << 20]).unwrap();
 

@@ -11,6 +11,9 @@
 //! Namespaces `bxsw-*` and the address range 10.77.0.0/24 are used and removed afterwards.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -292,23 +295,16 @@ fn wait_for_eof() {
     {}
 }
 
-fn random_file(path: &Path, len: u64, seed: u64) {
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
-    let mut x = seed | 1;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        for c in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
-    f.flush().unwrap();
+/// The image store of a publisher or fetcher in `dir`, served on an endpoint bound to `ip`.
+async fn serve(dir: &Path, ip: &str) -> (Endpoint, ImageStore, Router) {
+    let ep = endpoint(ip).await;
+    let store = ImageStore::open(ep.clone(), ImageStoreOptions::new(dir.join("store")))
+        .await
+        .unwrap();
+    let router = Router::builder(ep.clone())
+        .accept(ALPN, store.protocol_handler())
+        .spawn();
+    (ep, store, router)
 }
 
 fn child_publish(args: &[String]) {
@@ -317,20 +313,14 @@ fn child_publish(args: &[String]) {
         let dir = PathBuf::from(&args[0]);
         std::fs::create_dir_all(&dir).unwrap();
         let mib: u64 = args[2].parse().unwrap();
-        random_file(&dir.join("disk.img"), mib << 20, 0x9E37_79B9_7F4A_7C15);
+        common::random_file(&dir.join("disk.img"), mib << 20, 0x9E37_79B9_7F4A_7C15).unwrap();
         let kib: u64 = std::env::var("BENCH_KERNEL_KIB")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(8192);
-        random_file(&dir.join("kernel"), kib << 10, 3);
-        random_file(&dir.join("initrd"), (kib / 4) << 10, 5);
-        let ep = endpoint(&args[1]).await;
-        let store = ImageStore::open(ep.clone(), ImageStoreOptions::new(dir.join("store")))
-            .await
-            .unwrap();
-        let router = Router::builder(ep.clone())
-            .accept(ALPN, store.protocol_handler())
-            .spawn();
+        common::random_file(&dir.join("kernel"), kib << 10, 3).unwrap();
+        common::random_file(&dir.join("initrd"), (kib / 4) << 10, 5).unwrap();
+        let (ep, store, router) = serve(&dir, &args[1]).await;
         let spec = BundleSpec {
             kernel: dir.join("kernel"),
             initrd: dir.join("initrd"),
@@ -349,13 +339,7 @@ fn child_fetch(args: &[String]) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let dir = PathBuf::from(&args[0]);
-        let ep = endpoint(&args[1]).await;
-        let store = ImageStore::open(ep.clone(), ImageStoreOptions::new(dir.join("store")))
-            .await
-            .unwrap();
-        let router = Router::builder(ep.clone())
-            .accept(ALPN, store.protocol_handler())
-            .spawn();
+        let (ep, store, router) = serve(&dir, &args[1]).await;
         println!("ready {}", peer(&ep));
         let go = tokio::task::spawn_blocking(|| {
             let mut s = String::new();

@@ -402,17 +402,7 @@ mod vms {
     fn unplaceable_vms_do_not_starve_new_ones() {
         let mut s = with_capacity();
         for i in 0..3 {
-            assert_eq!(
-                s.apply(&req(
-                    2,
-                    id(1),
-                    Command::CreateVm {
-                        spec: spec(&format!("a-big-{i}"), 8, 512),
-                        start: true
-                    }
-                )),
-                CommandResult::Ok
-            );
+            ok(&mut s, id(1), Command::CreateVm { spec: spec(&format!("a-big-{i}"), 8, 512), start: true });
         }
         // The first round fails the big ones and records why.
         let plan = s.plan_placements(s.node_views(|_| true), |_| false, 0, 3);
@@ -423,23 +413,10 @@ mod vms {
         );
         for p in plan {
             if let Placement::Unplaceable { name, reason, .. } = p {
-                assert_eq!(
-                    s.apply(&req(3, id(1), Command::PlacementFailed { name, reason })),
-                    CommandResult::Ok
-                );
+                ok(&mut s, id(1), Command::PlacementFailed { name, reason });
             }
         }
-        assert_eq!(
-            s.apply(&req(
-                4,
-                id(1),
-                Command::CreateVm {
-                    spec: spec("b-small", 1, 512),
-                    start: true
-                }
-            )),
-            CommandResult::Ok
-        );
+        ok(&mut s, id(1), Command::CreateVm { spec: spec("b-small", 1, 512), start: true });
         // A round of 2: the new VM first, though the big ones sort before it.
         let plan = s.plan_placements(s.node_views(|_| true), |_| false, 0, 2);
         assert!(
@@ -469,41 +446,11 @@ mod vms {
     fn lost_and_drained_nodes_hand_their_vms_over_without_overfilling() {
         let mut s = with_capacity();
         for i in 0..2 {
-            assert_eq!(
-                s.apply(&req(
-                    2,
-                    id(1),
-                    Command::CreateVm {
-                        spec: spec(&format!("v{i}"), 2, 1024),
-                        start: true
-                    }
-                )),
-                CommandResult::Ok
-            );
-            assert_eq!(
-                s.apply(&req(
-                    2,
-                    id(1),
-                    Command::PlaceVm {
-                        name: format!("v{i}"),
-                        node: id(2)
-                    }
-                )),
-                CommandResult::Ok
-            );
+            ok(&mut s, id(1), Command::CreateVm { spec: spec(&format!("v{i}"), 2, 1024), start: true });
+            ok(&mut s, id(1), Command::PlaceVm { name: format!("v{i}"), node: id(2) });
         }
         for i in 2..4 {
-            assert_eq!(
-                s.apply(&req(
-                    2,
-                    id(1),
-                    Command::CreateVm {
-                        spec: spec(&format!("v{i}"), 2, 1024),
-                        start: true
-                    }
-                )),
-                CommandResult::Ok
-            );
+            ok(&mut s, id(1), Command::CreateVm { spec: spec(&format!("v{i}"), 2, 1024), start: true });
         }
         assert!(
             s.plan_placements(s.node_views(|_| true), |_| false, 0, 10)
@@ -526,17 +473,7 @@ mod vms {
         assert_eq!(placed, vec![id(1), id(1)], "{plan:?}");
         assert_eq!(plan.len(), 4);
         // Drained but alive: the same, and never back onto node 2.
-        assert_eq!(
-            s.apply(&req(
-                5,
-                id(1),
-                Command::SetDrain {
-                    node: id(2),
-                    drain: true
-                }
-            )),
-            CommandResult::Ok
-        );
+        ok(&mut s, id(1), Command::SetDrain { node: id(2), drain: true });
         let plan = s.plan_placements(s.node_views(|_| true), |_| false, 0, 10);
         assert!(
             plan.iter()
