@@ -66,7 +66,7 @@ pub enum FetchError {
     BadImage { hash: Hash, reason: String },
     #[error("image {hash}: manifest refused: {source}")]
     Manifest { hash: Hash, source: ManifestDecodeError },
-    #[error("disk full while fetching {hash}: free space in {dir}; partial data is removed by `image gc`")]
+    #[error("disk full while fetching {hash}: free space in {dir}; the partial image was removed")]
     DiskFull { hash: Hash, dir: PathBuf },
     #[error("blob store error while fetching {hash}: {detail}")]
     Store { hash: Hash, detail: String },

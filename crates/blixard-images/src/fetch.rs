@@ -184,10 +184,13 @@ impl ImageStore {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&hash);
         if let Err(FetchError::DiskFull { .. }) = &res {
-            // Drop the partial image so its data can be collected.
+            // Drop the partial image so its data can be collected. The reserve makes room
+            // for the store's database to record the deletions; it is taken again after.
+            crate::store::release_space(&self.inner.dir).await;
             let _ = self.inner.store.tags().delete(tag_name(&hash)).await;
             drop(_op);
             let _ = self.collect_blobs().await;
+            let _ = crate::store::reserve_space(&self.inner.dir).await;
         }
         res
     }
@@ -996,7 +999,7 @@ async fn fetch_batch(
                 Ok(tt) => {
                     Outcome::Corrupt(format!("received data hashes to {}", tt.hash().fmt_short()))
                 }
-                Err(e) => Outcome::Failed(format!("local store: {e}")),
+                Err(e) => Outcome::Failed(local_store_failure(&e)),
             };
             let stop = !matches!(outcome, Outcome::Complete { .. });
             done.push((hash, outcome));
@@ -1059,6 +1062,12 @@ fn lacked(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// A local store error as a failure reason. Its `Display` hides the I/O error inside, so
+/// the `Debug` form (which names `StorageFull`) is kept for the disk-full check.
+fn local_store_failure(e: &impl std::fmt::Debug) -> String {
+    format!("local store: {e:?}")
+}
+
 /// Fetches one blob from one provider. Returns the (possibly new) connection.
 async fn fetch_one(
     endpoint: &iroh::Endpoint,
@@ -1102,7 +1111,7 @@ async fn fetch_one(
         Ok(Ok(bytes)) => match store.blobs().status(hash).await {
             Ok(BlobStatus::Complete { .. }) => Outcome::Complete { bytes },
             Ok(_) => Outcome::Lacked,
-            Err(e) => Outcome::Failed(format!("local store: {e}")),
+            Err(e) => Outcome::Failed(local_store_failure(&e)),
         },
         Ok(Err(e)) => {
             let dbg = format!("{e} {e:?}");

@@ -213,6 +213,9 @@ impl ImageStore {
         let blobs_dir = tokio::fs::canonicalize(&blobs_dir)
             .await
             .map_err(|source| OpenError::Io { dir: blobs_dir.clone(), source })?;
+        // Room for the store's own database to delete things when the disk is full (its
+        // commits need free pages too); given back while collecting after a full disk.
+        let _ = reserve_space(&dir).await;
         let gc = GcControl::new();
         let cb_gc = gc.clone();
         let mut fs_opts = FsOptions::new(&blobs_dir);
@@ -784,4 +787,36 @@ impl HashHex for Hash {
         }
         Some(Hash::from_bytes(out))
     }
+}
+
+/// Space kept free for the store's database (see `ImageStore::open`).
+pub(crate) const RESERVE_BYTES: u64 = 8 << 20;
+
+fn reserve_path(dir: &Path) -> PathBuf {
+    dir.join("reserve")
+}
+
+/// Creates the reserve file if it is missing; fails quietly on a full disk (it is retried
+/// after the next collection).
+pub(crate) async fn reserve_space(dir: &Path) -> std::io::Result<()> {
+    let p = reserve_path(dir);
+    if tokio::fs::metadata(&p).await.is_ok_and(|m| m.len() == RESERVE_BYTES) {
+        return Ok(());
+    }
+    let tmp = dir.join("reserve.tmp");
+    let res = async {
+        // Written, not just sized: a sparse file would reserve nothing.
+        tokio::fs::write(&tmp, vec![0u8; RESERVE_BYTES as usize]).await?;
+        tokio::fs::rename(&tmp, &p).await
+    }
+    .await;
+    if res.is_err() {
+        let _ = tokio::fs::remove_file(&tmp).await;
+    }
+    res
+}
+
+/// Gives the reserve back to the filesystem.
+pub(crate) async fn release_space(dir: &Path) {
+    let _ = tokio::fs::remove_file(reserve_path(dir)).await;
 }

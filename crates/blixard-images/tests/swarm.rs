@@ -363,3 +363,52 @@ async fn fetchers_starting_together_share_the_work() {
     }
     a.stop().await;
 }
+
+/// A disk that fills up during a fetch: the fetch fails with `DiskFull` naming the
+/// directory, and the partial image is collected (the space comes back). Needs root for a
+/// small tmpfs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_mid_fetch_fails_cleanly_and_frees_the_space() {
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(!require_real(), "cannot mount a tmpfs (needs root)");
+        eprintln!("SKIPPED a_full_disk_mid_fetch_fails_cleanly_and_frees_the_space: cannot mount a tmpfs (needs root)");
+        return;
+    }
+    // Unmounted however the test ends.
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.path().to_path_buf());
+    let used = |p: &std::path::Path| {
+        let out = std::process::Command::new("df").args(["--output=used", "-B1"]).arg(p).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse::<u64>().ok()).unwrap()
+    };
+    let a = node().await;
+    let (img, _) = bundle_on(&a, 48 << 20, 70).await;
+    let dir = tempfile::tempdir_in(mnt.path()).unwrap();
+    let b = {
+        let ep = endpoint(vec![blixard_images::ALPN.to_vec()]).await;
+        let images = blixard_images::ImageStore::open(ep.clone(), blixard_images::ImageStoreOptions::new(dir.path().join("images"))).await.unwrap();
+        (ep, images)
+    };
+    let before = used(mnt.path());
+    let err = b.1.fetch(img.hash, vec![a.addr()], &noop).await.unwrap_err();
+    eprintln!("disk full: {err}");
+    assert!(matches!(err, FetchError::DiskFull { .. }), "{err}");
+    assert!(err.to_string().contains(&dir.path().display().to_string()), "names the directory: {err}");
+    assert!(err.to_string().contains("partial image was removed"), "{err}");
+    let after = used(mnt.path());
+    assert!(after < before + (4 << 20), "partial data collected: {before} bytes used before, {after} after");
+    b.1.shutdown().await;
+    b.0.close().await;
+    a.stop().await;
+}
