@@ -312,9 +312,8 @@ struct ProviderState {
     addr: EndpointAddr,
     conn: Option<Connection>,
     inflight: usize,
-    /// Lacked a part at least once: it is fetching too (see `fetch_set`).
-    partial: bool,
-    /// When it first lacked a part.
+    /// When it first lacked a part: from then on it counts as fetching too (see
+    /// `fetch_set`).
     partial_since: Option<Instant>,
     /// Some request to it has ended (served, lacked or failed).
     answered: bool,
@@ -325,6 +324,13 @@ struct ProviderState {
     dropped: Option<String>,
     bytes: u64,
     parts: u64,
+}
+
+impl ProviderState {
+    /// Lacked a part at least once.
+    fn partial(&self) -> bool {
+        self.partial_since.is_some()
+    }
 }
 
 enum Outcome {
@@ -341,15 +347,10 @@ enum Outcome {
     TooLarge,
 }
 
-/// Provider index, its connection if still usable, the parts settled (with how), the parts
-/// the request never reached, and the part indices asked for (in request order).
-type BatchResult = (
-    usize,
-    Option<Connection>,
-    Vec<(Hash, Outcome)>,
-    Vec<Hash>,
-    Vec<usize>,
-);
+/// Provider index, its connection if still usable, the parts settled (with how, in request
+/// order), and the part indices asked for (in request order; those past the settled ones
+/// were never reached).
+type BatchResult = (usize, Option<Connection>, Vec<(Hash, Outcome)>, Vec<usize>);
 
 struct Swarm {
     images: ImageStore,
@@ -379,7 +380,6 @@ impl Swarm {
                 addr,
                 conn: None,
                 inflight: 0,
-                partial: false,
                 partial_since: None,
                 answered: false,
                 paused_until: Instant::now(),
@@ -434,24 +434,18 @@ impl Swarm {
             if p.dropped.is_none() && p.conn.as_ref().is_none_or(|c| c.close_reason().is_some()) {
                 let ep = endpoint.clone();
                 let addr = p.addr.clone();
-                let t = opts.connect_timeout;
-                set.spawn(async move {
-                    (
-                        i,
-                        tokio::time::timeout(t, ep.connect(addr, iroh_blobs::ALPN)).await,
-                    )
-                });
+                let opts = opts.clone();
+                set.spawn(async move { (i, usable(&ep, addr, None, &opts).await) });
             }
         }
         while let Some(Ok((i, res))) = set.join_next().await {
             let p = &mut self.providers[i];
             match res {
-                Ok(Ok(c)) => p.conn = Some(c),
-                Ok(Err(e)) => {
+                Ok(c) => p.conn = Some(c),
+                Err(why) => {
                     p.failures += 1;
-                    debug!(provider = %p.addr.id.fmt_short(), "connect failed: {e}");
+                    debug!(provider = %p.addr.id.fmt_short(), "{why}");
                 }
-                Err(_) => p.failures += 1,
             }
             if p.failures >= opts.max_failures {
                 p.dropped = Some(format!("unreachable after {} attempts", p.failures));
@@ -461,14 +455,12 @@ impl Swarm {
 
     /// Fetches every hash in `hashes` that is not complete locally.
     ///
-    /// Parts are handed out by index. A provider is asked for parts from a starting point of
-    /// its own: a provider that has everything (a seed, until it lacks something) is asked
-    /// from this node's own offset, so fetchers that start together take different parts
-    /// from a seed; a provider that lacked a part is fetching too, and is asked from *its*
-    /// offset, where it fetches first, so what it just received is passed on at once. Both
-    /// offsets come from hashing the node id with the image, so every fetcher computes the
-    /// same ones without talking. A provider that lacks a part is paused briefly (doubling
-    /// on repeats), not dropped.
+    /// Parts are handed out by index. This node and the providers that are fetching too (they
+    /// lacked a part) split the parts into equal regions, in id order, so every fetcher
+    /// computes the same ones without talking. A provider that has everything (a seed, until
+    /// it lacks something) is asked for this node's own region; a fellow fetcher is asked for
+    /// its region, which it fetches first, so what it just received is passed on at once.
+    /// A provider that lacks a part is paused briefly (doubling on repeats), not dropped.
     async fn fetch_set(&mut self, hashes: Vec<Hash>) -> Result<(), FetchError> {
         let hash = self.hash;
         let store = self.images.inner.store.clone();
@@ -505,9 +497,8 @@ impl Swarm {
         let mut tasks: JoinSet<BatchResult> = JoinSet::new();
         // First parts of requests to seeds for other fetchers' regions, in flight.
         let mut steals: HashSet<usize> = HashSet::new();
-        // The same for requests to seeds for our own region, and their number.
+        // The same for requests to seeds for our own region.
         let mut own_requests: HashSet<usize> = HashSet::new();
-        let mut own = 0usize;
         let mut ticker = tokio::time::interval(Duration::from_millis(100));
         let mut last_progress = Instant::now();
         let mut last_bytes = self.transferred.load(Ordering::Relaxed);
@@ -550,7 +541,7 @@ impl Swarm {
                     .iter()
                     .any(|q| q.dropped.is_none() && !q.answered);
                 let slots = |q: &ProviderState| {
-                    if q.partial || learning {
+                    if q.partial() || learning {
                         1
                     } else {
                         opts.per_provider
@@ -565,7 +556,7 @@ impl Swarm {
                 else {
                     break;
                 };
-                let (batch, stolen) = if self.providers[p].partial {
+                let (batch, stolen) = if self.providers[p].partial() {
                     let id = self.providers[p].addr.id;
                     (
                         pick_from(
@@ -586,7 +577,7 @@ impl Swarm {
                     // Help with others' regions only while none of them has anything for us,
                     // one request at a time: a seed's uplink is the scarcest thing here.
                     let may_steal = steals.is_empty()
-                        && own == 0
+                        && own_requests.is_empty()
                         && self
                             .providers
                             .iter()
@@ -604,9 +595,8 @@ impl Swarm {
                 }
                 if stolen {
                     steals.insert(batch[0]);
-                } else if !self.providers[p].partial {
+                } else if !self.providers[p].partial() {
                     own_requests.insert(batch[0]);
-                    own += 1;
                 }
                 for i in &batch {
                     need.remove(i);
@@ -622,15 +612,15 @@ impl Swarm {
                 let hashes: Vec<Hash> = batch.iter().map(|i| parts[*i]).collect();
                 let single = large.contains(&batch[0]);
                 tasks.spawn(async move {
-                    let (conn, done, untouched) = if single {
+                    let (conn, done) = if single {
                         let (conn, outcome) =
                             fetch_one(&endpoint, &store, addr, conn, hashes[0], &counter, &opts)
                                 .await;
-                        (conn, vec![(hashes[0], outcome)], Vec::new())
+                        (conn, vec![(hashes[0], outcome)])
                     } else {
                         fetch_batch(&endpoint, &store, addr, conn, hashes, &counter, &opts).await
                     };
-                    (p, conn, done, untouched, batch)
+                    (p, conn, done, batch)
                 });
             }
             if tasks.is_empty() && need.is_empty() {
@@ -651,7 +641,7 @@ impl Swarm {
             tokio::select! {
                 joined = tasks.join_next(), if !tasks.is_empty() => {
                     let Some(joined) = joined else { continue };
-                    let (p, conn, done, untouched, batch) = match joined {
+                    let (p, conn, done, batch) = match joined {
                         Ok(x) => x,
                         Err(e) => return Err(FetchError::Store { hash, detail: format!("fetch task failed: {e}") }),
                     };
@@ -662,9 +652,7 @@ impl Swarm {
                         prov.conn = conn;
                     }
                     steals.remove(&batch[0]);
-                    if own_requests.remove(&batch[0]) {
-                        own -= 1;
-                    }
+                    own_requests.remove(&batch[0]);
                     // The batch's hashes are in `batch`'s order: settled first, then untouched.
                     let mut idx = batch.into_iter();
                     for (h, outcome) in done {
@@ -685,7 +673,6 @@ impl Swarm {
                             }
                             Outcome::Lacked => {
                                 debug!(provider = %prov.addr.id.fmt_short(), part = %h.fmt_short(), "provider lacks part");
-                                prov.partial = true;
                                 prov.partial_since.get_or_insert_with(Instant::now);
                                 prov.pause = (prov.pause * 2).clamp(opts.missing_retry, max_pause);
                                 prov.paused_until = Instant::now() + prov.pause;
@@ -713,7 +700,6 @@ impl Swarm {
                         }
                     }
                     // Parts the request never reached go back as they were.
-                    debug_assert_eq!(idx.len(), untouched.len());
                     need.extend(idx);
                     self.publish();
                 }
@@ -893,8 +879,8 @@ async fn usable(
 /// Fetches a run of parts from one provider in one request (iroh-blobs `GetMany`). Each
 /// part is BLAKE3-verified as it arrives (16 KiB groups), held in memory (at most
 /// `batch_part_max`) and added to the store complete, so a small part costs no partial
-/// file, outboard file or fsync on disk. Returns the connection if still usable, the
-/// parts settled, and the parts the request never reached.
+/// file, outboard file or fsync on disk. Returns the connection if still usable and the
+/// parts settled, a prefix of `hashes`.
 async fn fetch_batch(
     endpoint: &iroh::Endpoint,
     store: &iroh_blobs::api::Store,
@@ -903,17 +889,13 @@ async fn fetch_batch(
     hashes: Vec<Hash>,
     counter: &AtomicU64,
     opts: &FetchOptions,
-) -> (Option<Connection>, Vec<(Hash, Outcome)>, Vec<Hash>) {
+) -> (Option<Connection>, Vec<(Hash, Outcome)>) {
     use iroh_blobs::get::fsm::{self, BlobContentNext, DecodeError, EndBlobNext};
     use iroh_blobs::protocol::{ChunkRangesSeq, GetManyRequest};
 
     let conn = match usable(endpoint, addr, conn, opts).await {
         Ok(c) => c,
-        Err(why) => {
-            let mut rest = hashes;
-            let first = rest.remove(0);
-            return (None, vec![(first, Outcome::Failed(why))], rest);
-        }
+        Err(why) => return (None, vec![(hashes[0], Outcome::Failed(why))]),
     };
     let mut done: Vec<(Hash, Outcome)> = Vec::with_capacity(hashes.len());
     let work = async {
@@ -1030,14 +1012,13 @@ async fn fetch_batch(
             ));
         }
     }
-    let untouched = hashes[done.len().min(hashes.len())..].to_vec();
     let keep = done.iter().all(|(_, o)| {
         matches!(
             o,
             Outcome::Complete { .. } | Outcome::Lacked | Outcome::TooLarge
         )
     });
-    (keep.then_some(conn), done, untouched)
+    (keep.then_some(conn), done)
 }
 
 /// Whether an error means "the provider does not have (all of) this part": a provider

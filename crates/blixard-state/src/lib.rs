@@ -30,6 +30,14 @@ pub struct NodeRecord {
     pub joined_at_ms: u64,
 }
 
+/// How a VM's error starts when no node could take it.
+const CANNOT_PLACE: &str = "cannot place";
+
+/// The error recorded by `PlacementFailed` (the planner compares against it).
+fn placement_error(reason: &str) -> String {
+    format!("{CANNOT_PLACE}: {reason}")
+}
+
 /// One decision of [`ClusterState::plan_placements`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Placement {
@@ -253,7 +261,7 @@ impl ClusterState {
         let failed_before = |v: &VmRecord| {
             v.error
                 .as_deref()
-                .is_some_and(|e| e.starts_with("cannot place"))
+                .is_some_and(|e| e.starts_with(CANNOT_PLACE))
         };
         // VMs not yet tried first, so that VMs no node can take never starve new ones;
         // then those that failed before, from a place that moves with `salt`, so that each
@@ -298,8 +306,7 @@ impl ClusterState {
                 }
                 Err(why) => {
                     let reason = why.to_string();
-                    let changed =
-                        v.error.as_deref() != Some(format!("cannot place: {reason}").as_str());
+                    let changed = v.error.as_deref() != Some(placement_error(&reason).as_str());
                     out.push(Placement::Unplaceable {
                         name: name.clone(),
                         reason,
@@ -561,7 +568,7 @@ impl ClusterState {
             }
             Command::PlacementFailed { name, reason } => {
                 let vm = self.vm_mut(name)?;
-                vm.error = Some(format!("cannot place: {reason}"));
+                vm.error = Some(placement_error(reason));
             }
             Command::PublishImage { hash, size, kind, name } => {
                 if !is_full_hash(hash) {
