@@ -229,24 +229,8 @@ pub fn run_c1m(o: &C1mOptions) -> Result<C1mReport, C1mError> {
     }
     let place = t.elapsed();
 
-    // Capacity, from the records themselves (not the planner's or the index's sums).
-    let mut used: BTreeMap<NodeId, (u64, u64, u64, usize)> = BTreeMap::new();
-    for v in state.vms.values() {
-        if let Some(n) = v.node {
-            let u = used.entry(n).or_default();
-            u.0 += u64::from(v.spec.vcpus);
-            u.1 += v.spec.memory_mib;
-            u.2 += v.spec.disk_gib;
-            u.3 += 1;
-        }
-    }
-    let capacity_violations = used
-        .iter()
-        .filter(|(n, u)| {
-            let r = state.nodes.get(n).map(|r| r.resources).unwrap_or_default();
-            u.0 > u64::from(r.cpus) || u.1 > r.memory_mib || u.2 > r.disk_gib
-        })
-        .count();
+    let used = crate::invariants::capacity::usage(&state);
+    let capacity_violations = crate::invariants::capacity::over_capacity(&state).len();
     let max_vms_on_a_node = used.values().map(|u| u.3).max().unwrap_or(0);
     Ok(C1mReport {
         nodes: o.nodes,

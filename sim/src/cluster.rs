@@ -16,7 +16,9 @@ use openraft::{EntryPayload, RaftLogReader, ServerState};
 use tokio::task::JoinHandle;
 
 use crate::invariants::oracle::Ack;
+use crate::backend::VmFaults;
 use crate::network::SimNetwork;
+use crate::orchestrate::{self, Orchestration};
 use crate::rng::SimRng;
 use crate::runtime;
 use crate::storage::{digest, Bug, CheckedSm, SimLog};
@@ -120,6 +122,10 @@ pub struct SimOptions {
     pub snapshot_every: u64,
     /// Keep the trace as text (for `--seed` replays).
     pub keep_trace: bool,
+    /// VMs created at the start (0: Raft only, no placer, executor or gossip).
+    pub vms: u64,
+    /// The nodes' placement grace: how long a dead node's VMs wait before they move.
+    pub grace_ms: u64,
 }
 
 impl SimOptions {
@@ -134,6 +140,8 @@ impl SimOptions {
             bug: None,
             snapshot_every: 100,
             keep_trace: false,
+            vms: 6,
+            grace_ms: 2_000,
         }
     }
 
@@ -147,6 +155,12 @@ impl SimOptions {
             Some(Profile::Default) => {}
             Some(p) => cmd.push_str(&format!(" --faults {}", p.name())),
             None => cmd.push_str(&format!(" (with the fault plan {:?})", self.faults)),
+        }
+        if self.vms != 6 {
+            cmd.push_str(&format!(" --vms {}", self.vms));
+        }
+        if self.grace_ms != 2_000 {
+            cmd.push_str(&format!(" --grace-ms {}", self.grace_ms));
         }
         if self.snapshot_every != 100 {
             cmd.push_str(&format!(" --snapshot-every {}", self.snapshot_every));
@@ -224,6 +238,8 @@ struct Sim {
     config: Arc<openraft::Config>,
     bug: Option<Bug>,
     nodes: u64,
+    /// The orchestration side of each node (placer, executor, gossip), if VMs are simulated.
+    orchestration: Option<Orchestration>,
     /// Tasks that are not any node's: nemesis, clients, checkers.
     background: Mutex<Vec<JoinHandle<()>>>,
     /// A stored-log reader and the applied state of each running node.
@@ -307,7 +323,7 @@ impl Sim {
         self.handles
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, (reader, shared));
+            .insert(id, (reader, shared.clone()));
         let metrics = raft.metrics();
         {
             let mut w = self.world.lock();
@@ -315,6 +331,9 @@ impl Sim {
             w.event(format_args!("n{id} up"));
         }
         runtime::spawn_on(id, watch_metrics(id, metrics, self.world.clone()));
+        if let Some(o) = self.orchestration {
+            orchestrate::start(&self.world, id, shared, o);
+        }
     }
 
     /// Crashes node `id`: all its tasks are aborted mid-flight; its files stay.
@@ -327,6 +346,8 @@ impl Sim {
         let tasks = runtime::crash(id);
         drop(raft);
         let mut w = self.world.lock();
+        w.kill_vms(id);
+        w.detectors.remove(&id);
         if teardown {
             w.event(format_args!("n{id} stopped ({tasks} tasks)"));
         } else {
@@ -367,6 +388,49 @@ impl Sim {
             let mut w = self.world.lock();
             for v in w.checks.committed.check_log(id, &digests) {
                 w.violation(v);
+            }
+        }
+    }
+
+    /// No node's placed VMs exceed its capacity, on any running node's applied state.
+    fn check_capacity(&self) {
+        let found: Vec<String> = {
+            let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            handles
+                .iter()
+                .filter_map(|(id, (_, shared))| {
+                    let st = shared.read().ok()?;
+                    let v = crate::invariants::capacity::over_capacity(&st.state);
+                    (!v.is_empty()).then(|| format!("n{id}'s state: {}", v.join("; ")))
+                })
+                .collect()
+        };
+        let mut w = self.world.lock();
+        for v in found {
+            w.violation(v);
+        }
+    }
+
+    /// Starts again every VM the cluster records as failed (what an operator would do).
+    async fn restart_failed_vms(&self) {
+        let failed: Vec<String> = {
+            let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            let Some((_, shared)) = handles.iter().next().map(|(_, h)| h.clone()) else { return };
+            let Ok(st) = shared.read() else { return };
+            st.state
+                .vms
+                .iter()
+                .filter(|(_, v)| v.state == blixard_types::vm::VmState::Failed && !v.deleting)
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        for name in failed {
+            let leader = self.raft(0).and_then(|r| r.metrics().borrow().current_leader).unwrap_or(0);
+            let cmd = Command::SetDesired { name: name.clone(), desired: blixard_types::vm::Desired::Running };
+            if let WriteOutcome::Acked(_) = write(self, leader, None, cmd, client_key(0)).await {
+                let mut w = self.world.lock();
+                w.counters.bump("operator_restarts");
+                w.event(format_args!("operator starts {name} again"));
             }
         }
     }
@@ -415,6 +479,9 @@ impl Sim {
             let missing = w.checks.oracle.missing(labels).next().map(str::to_owned);
             if let Some(key) = missing {
                 return Err(format!("n{id} misses acknowledged write {key}"));
+            }
+            if *id == *leader && self.orchestration.is_some() {
+                vms_as_desired(&applied.state, &w.backends)?;
             }
         }
         Ok(*leader)
@@ -559,6 +626,9 @@ async fn nemesis(sim: Arc<Sim>, plan: FaultPlan, mut rng: SimRng) {
     if plan.slow_disks {
         kinds.push("slow_disk");
     }
+    if plan.crashes && sim.orchestration.is_some() {
+        kinds.push("vm_crash");
+    }
     if kinds.is_empty() {
         return;
     }
@@ -626,6 +696,22 @@ async fn nemesis(sim: Arc<Sim>, plan: FaultPlan, mut rng: SimRng) {
                 w.counters.bump("clock_skew");
                 w.event(format_args!("nemesis n{id} clock skew {skew}ms"));
                 w.clock_offset_ms.insert(id, skew);
+            }
+            "vm_crash" => {
+                // A guest dies on its own (the hypervisor exits): its node must notice and
+                // restart it per its policy.
+                let mut w = sim.world.lock();
+                let running: Vec<(u64, String)> = w
+                    .backends
+                    .iter()
+                    .flat_map(|(n, b)| b.iter().filter(|(_, v)| v.state == blixard_vmm::VmState::Running).map(|(name, _)| (*n, name.clone())))
+                    .collect();
+                if running.is_empty() {
+                    continue;
+                }
+                let (node, name) = running[rng.below(running.len() as u64) as usize].clone();
+                w.counters.bump("vm_crash");
+                w.set_vm_state(node, &name, blixard_vmm::VmState::Failed, Some("simulated: the guest crashed".into()));
             }
             _ => {
                 let id = rng.below(n);
@@ -696,12 +782,17 @@ async fn run(opts: SimOptions) -> Report {
         Ok(c) => Arc::new(c),
         Err(e) => return finish(&world, Some(format!("invalid raft config: {e}"))),
     };
+    world.lock().node_ids = (0..opts.nodes).collect();
     let sim = Arc::new(Sim {
         world: world.clone(),
         dir: dir.path().to_owned(),
         config,
         bug: opts.bug,
         nodes: opts.nodes,
+        orchestration: (opts.vms > 0).then_some(Orchestration {
+            grace: Duration::from_millis(opts.grace_ms),
+            no_fence: opts.bug == Some(Bug::NoFence),
+        }),
         background: Mutex::new(Vec::new()),
         handles: Mutex::new(BTreeMap::new()),
     });
@@ -742,7 +833,7 @@ async fn phases(sim: &Arc<Sim>, opts: &SimOptions) -> Result<(), String> {
         let cmd = Command::Bootstrap {
             cluster_id: ClusterId([7; 16]),
             node: node_key(0),
-            info: NodeInfo::default(),
+            info: node_info(),
         };
         match write(sim, target, None, cmd, node_key(0)).await {
             WriteOutcome::Acked(_) | WriteOutcome::Refused(Refusal::AlreadyBootstrapped) => break,
@@ -751,11 +842,17 @@ async fn phases(sim: &Arc<Sim>, opts: &SimOptions) -> Result<(), String> {
         }
     }
     sim.world.lock().event("bootstrapped");
+    if opts.vms > 0 {
+        setup_vms(sim, opts).await?;
+    }
 
     // Safety phase.
     {
         let mut w = sim.world.lock();
         w.net = opts.faults.net;
+        if opts.faults.crashes {
+            w.vm_faults = VmFaults::CHAOS;
+        }
         w.event("safety phase");
     }
     sim.spawn(nemesis(
@@ -774,6 +871,7 @@ async fn phases(sim: &Arc<Sim>, opts: &SimOptions) -> Result<(), String> {
     while tokio::time::Instant::now() < safety_end {
         tokio::time::sleep(Duration::from_millis(250)).await;
         sim.check_logs().await;
+        sim.check_capacity();
     }
 
     // Liveness phase: no more faults; everything heals; the cluster must converge.
@@ -781,6 +879,7 @@ async fn phases(sim: &Arc<Sim>, opts: &SimOptions) -> Result<(), String> {
     {
         let mut w = sim.world.lock();
         w.net = NetFaults::CALM;
+        w.vm_faults = VmFaults::CALM;
         w.blocked.clear();
         w.slow_disk.clear();
         w.event("liveness phase: healed");
@@ -790,6 +889,7 @@ async fn phases(sim: &Arc<Sim>, opts: &SimOptions) -> Result<(), String> {
     }
     let start = tokio::time::Instant::now();
     let bound = Duration::from_millis(opts.liveness_ms);
+    let mut restarted_at = tokio::time::Instant::now();
     let leader = loop {
         match sim.converged() {
             Ok(leader) => break leader,
@@ -799,7 +899,15 @@ async fn phases(sim: &Arc<Sim>, opts: &SimOptions) -> Result<(), String> {
                     crate::fmt_ms(opts.liveness_ms)
                 ))
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) => {
+                // An operator starts again the VMs that gave up (out of restarts) under
+                // the faults, once a second.
+                if restarted_at.elapsed() >= Duration::from_secs(1) {
+                    restarted_at = tokio::time::Instant::now();
+                    sim.restart_failed_vms().await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
         }
     };
     sim.world
@@ -835,5 +943,116 @@ async fn phases(sim: &Arc<Sim>, opts: &SimOptions) -> Result<(), String> {
         w.violation(v);
     }
     w.event("done");
+    Ok(())
+}
+
+/// Each simulated node's resources: room for four of the run's VMs.
+fn node_info() -> NodeInfo {
+    NodeInfo {
+        addrs: Vec::new(),
+        resources: blixard_types::command::Resources {
+            cpus: orchestrate::NODE_CAPACITY.vcpus,
+            memory_mib: orchestrate::NODE_CAPACITY.memory_mib,
+            disk_gib: 100,
+        },
+        labels: BTreeMap::new(),
+    }
+}
+
+/// Writes one setup command under calm conditions (following redirects).
+async fn setup_write(sim: &Sim, cmd: Command) -> Result<(), String> {
+    let what = cmd.kind();
+    let mut target = sim.raft(0).and_then(|r| r.metrics().borrow().current_leader).unwrap_or(0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("setup: {what} not written within 10s of calm"));
+        }
+        match write(sim, target, None, cmd.clone(), node_key(0)).await {
+            WriteOutcome::Acked(_) => return Ok(()),
+            WriteOutcome::Refused(r) => return Err(format!("setup: {what} refused: {r}")),
+            WriteOutcome::Redirect(Some(l)) => target = l,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Admits every node to the cluster state, publishes an image and creates the VMs
+/// (alternately 1 and 2 vCPUs, 512 MiB, restart policy `always`).
+async fn setup_vms(sim: &Sim, opts: &SimOptions) -> Result<(), String> {
+    use blixard_types::ticket::Role;
+    for id in 1..opts.nodes {
+        let secret_hash = *blake3::hash(&id.to_le_bytes()).as_bytes();
+        setup_write(sim, Command::CreateTicket { secret_hash, role: Role::Voter, expires_at_ms: u64::MAX }).await?;
+        setup_write(sim, Command::AdmitNode { node: node_key(id), info: node_info(), secret_hash, role: Role::Voter })
+            .await?;
+    }
+    let image = blake3::hash(b"sim-image").to_hex().to_string();
+    setup_write(
+        sim,
+        Command::PublishImage {
+            hash: image,
+            size: 1 << 20,
+            kind: blixard_types::image::ImageKind::Bundle,
+            name: Some("sim".into()),
+        },
+    )
+    .await?;
+    for v in 0..opts.vms {
+        let spec = blixard_types::vm::VmSpec {
+            name: format!("vm{v}"),
+            image: "sim".into(),
+            vcpus: 1 + (v % 2) as u32,
+            memory_mib: 512,
+            disk_gib: 4,
+            labels: BTreeMap::new(),
+            constraints: BTreeMap::new(),
+            anti_affinity: None,
+            restart: blixard_types::vm::RestartPolicy::Always,
+            health: None,
+        };
+        setup_write(sim, Command::CreateVm { spec, start: true }).await?;
+    }
+    sim.world.lock().event(format_args!("{} VMs created", opts.vms));
+    Ok(())
+}
+
+/// After healing: every VM wanted running runs on the node it is placed on, is recorded
+/// running, and no other node has any trace of it (no orphans); no node has a VM the
+/// cluster does not know.
+fn vms_as_desired(
+    state: &blixard_state::ClusterState,
+    backends: &BTreeMap<u64, BTreeMap<String, crate::backend::SimVm>>,
+) -> Result<(), String> {
+    use blixard_types::vm::{Desired, VmState};
+    for (name, v) in &state.vms {
+        if v.deleting || v.desired != Desired::Running {
+            continue;
+        }
+        let Some(node) = v.node else {
+            return Err(format!("VM {name} not placed ({})", v.error.as_deref().unwrap_or("no error")));
+        };
+        let Some(n) = (0..backends.len() as u64 + 64).find(|i| node_key(*i) == node) else {
+            return Err(format!("VM {name} placed on an unknown node"));
+        };
+        if v.state != VmState::Running {
+            return Err(format!("VM {name} recorded {:?} on n{n}", v.state));
+        }
+        match backends.get(&n).and_then(|b| b.get(name)) {
+            Some(vm) if vm.state == blixard_vmm::VmState::Running => {}
+            Some(vm) => return Err(format!("VM {name} is {} on n{n}", vm.state)),
+            None => return Err(format!("VM {name} missing on n{n}")),
+        }
+        if let Some((other, vm)) =
+            backends.iter().filter(|(o, _)| **o != n).find_map(|(o, b)| b.get(name).map(|vm| (*o, vm)))
+        {
+            return Err(format!("VM {name} placed on n{n} but n{other} still has it ({})", vm.state));
+        }
+    }
+    for (n, b) in backends {
+        if let Some(name) = b.keys().find(|name| !state.vms.contains_key(*name)) {
+            return Err(format!("n{n} has VM {name}, which the cluster does not know"));
+        }
+    }
     Ok(())
 }

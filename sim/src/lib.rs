@@ -27,10 +27,12 @@ use std::time::Duration;
 use blixard_raft::RaftNode;
 use blixard_types::{Request, Response};
 
+pub mod backend;
 pub mod c1m;
 pub mod cluster;
 pub mod invariants;
 pub mod network;
+pub mod orchestrate;
 pub mod rng;
 pub mod runtime;
 pub mod storage;

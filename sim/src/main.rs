@@ -44,7 +44,13 @@ struct Opt {
     /// Build a snapshot every this many entries.
     #[arg(long, default_value_t = 100)]
     snapshot_every: u64,
-    /// Plant a storage bug (to see the checkers fail).
+    /// VMs created at the start (0: Raft only, without placer, executor and gossip).
+    #[arg(long, default_value_t = 6)]
+    vms: u64,
+    /// The nodes' placement grace, ms (production default: 10 000).
+    #[arg(long, default_value_t = 2_000)]
+    grace_ms: u64,
+    /// Plant a bug (to see the checkers fail).
     #[arg(long, value_enum)]
     bug: Option<Bug>,
     /// Run the C1M scale run instead of seeds: `--c1m-nodes` nodes, `--c1m-vms` VMs.
@@ -121,6 +127,8 @@ fn options(opt: &Opt, seed: u64) -> SimOptions {
     o.safety_ms = opt.safety_ms;
     o.liveness_ms = opt.liveness_ms;
     o.bug = opt.bug;
+    o.vms = opt.vms;
+    o.grace_ms = opt.grace_ms;
     o
 }
 

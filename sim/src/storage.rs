@@ -26,7 +26,7 @@ use crate::{Entry, SimConfig};
 
 type Result<T> = std::result::Result<T, StorageError<u64>>;
 
-/// A deliberately broken storage behaviour, for checking the checkers.
+/// A deliberately broken behaviour, for checking the checkers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Bug {
     /// `read_vote` returns nothing: a restarted node forgets whom it voted for in which
@@ -34,6 +34,9 @@ pub enum Bug {
     ForgetVote,
     /// `append` acknowledges entries as flushed without writing them (one append in four).
     AckUnwritten,
+    /// Not storage: the executor never fences, so a node cut off from the majority keeps
+    /// running VMs the majority places elsewhere.
+    NoFence,
 }
 
 /// The digest the checkers compare entries by.

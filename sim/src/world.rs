@@ -10,6 +10,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::time::Instant;
 
+use blixard_reconcile::liveness::Detector;
+
+use crate::backend::{SimVm, VmFaults};
 use crate::invariants::Invariants;
 use crate::rng::SimRng;
 use crate::Raft;
@@ -132,6 +135,16 @@ pub struct WorldState {
     pub trace: Trace,
     pub checks: Invariants,
     pub violations: Vec<String>,
+    /// Every node of the run, up or down.
+    pub node_ids: Vec<u64>,
+    /// Each node's VMs as its backend knows them (they outlive crashes of the node).
+    pub backends: BTreeMap<u64, BTreeMap<String, SimVm>>,
+    /// What the backends do to guests now.
+    pub vm_faults: VmFaults,
+    /// Images each node holds (kept across restarts, like the blob store).
+    pub images_held: BTreeMap<u64, BTreeSet<String>>,
+    /// Each running node's failure detector, fed by gossip (lost in a crash).
+    pub detectors: BTreeMap<u64, Detector>,
     start: Instant,
 }
 
@@ -152,6 +165,11 @@ impl WorldState {
             trace: Trace::new(keep_trace),
             checks: Invariants::default(),
             violations: Vec::new(),
+            node_ids: Vec::new(),
+            backends: BTreeMap::new(),
+            vm_faults: VmFaults::CALM,
+            images_held: BTreeMap::new(),
+            detectors: BTreeMap::new(),
             start: Instant::now(),
         }
     }

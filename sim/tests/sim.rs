@@ -70,6 +70,9 @@ fn every_fault_kind_is_injected_and_invariants_hold() {
         "disk_slow_writes",
         "client_acks",
         "snapshots_built",
+        "vm_placements",
+        "vm_starts",
+        "vm_crash",
     ] {
         assert!(total.get(kind) > 0, "{kind} never happened: {total}");
     }
@@ -83,6 +86,43 @@ fn planted_bug_forget_vote_is_caught() {
         o.nodes = 3;
         o.faults = Profile::ElectionStorm.plan();
     });
+}
+
+/// The orchestration side under faults, with a short grace so that VMs do move: nodes
+/// fence, VMs move off lost nodes, no VM ever starts on a node while active on another,
+/// and every VM runs where it is placed once the faults stop.
+#[test]
+fn vms_move_off_lost_nodes_and_never_run_twice() {
+    let mut total = Counters::default();
+    for seed in 0..3 {
+        let mut o = SimOptions::new(seed);
+        o.safety_ms = 12_000;
+        o.grace_ms = 500;
+        let r = run_seed(&o);
+        assert_clean(&r, &o);
+        total.merge(&r.counters);
+    }
+    for kind in ["fences", "vm_moves", "vm_starts", "vm_crash", "partition_one_way"] {
+        assert!(total.get(kind) > 0, "{kind} never happened: {total}");
+    }
+}
+
+/// An executor that never fences keeps VMs running that the majority has moved: the
+/// exclusivity check sees the VM start on its new node while still active on the old one.
+#[test]
+fn planted_bug_no_fence_is_caught() {
+    for seed in 0..10 {
+        let mut o = SimOptions::new(seed);
+        o.safety_ms = 12_000;
+        o.grace_ms = 500;
+        o.bug = Some(Bug::NoFence);
+        let r = run_seed(&o);
+        if let Some(v) = r.violations.iter().find(|v| v.contains("while active on")) {
+            eprintln!("NoFence caught at seed {seed}: {v}");
+            return;
+        }
+    }
+    panic!("NoFence was not caught in 10 seeds");
 }
 
 /// A log store that acknowledges appends it never wrote loses committed entries.

@@ -201,6 +201,7 @@ pub fn all(scratch: &Path) -> Vec<Target> {
         },
         vms_running: vec!["web-1".into()],
         images: vec!["ab".repeat(32)],
+        hears: vec![blixard_types::NodeId([5; 32])],
     });
     let nar_dir: PathBuf = scratch.join("nar");
     vec![

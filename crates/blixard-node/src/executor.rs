@@ -195,8 +195,7 @@ impl Executor {
         let mut busy: BTreeSet<String> = BTreeSet::new();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let mut applied = self.ctx.applied.clone();
-        let mut quorum_seen = std::time::Instant::now();
-        let mut fenced = false;
+        let mut fence = blixard_reconcile::fence::Fence::new(std::time::Instant::now());
         // A deadline, not a fresh sleep per iteration: metrics change far more often than
         // the tick (every heartbeat) and must not keep postponing it.
         let mut next = tokio::time::Instant::now();
@@ -217,46 +216,41 @@ impl Executor {
                     }
                 }
             }
-            // Self-fencing: when the voters this node cannot see could form a majority, for
-            // half the placement grace, it stops its VMs: that majority places them
-            // elsewhere once the grace has passed. Back in touch, it starts them again.
-            if !self.others_could_act() {
-                quorum_seen = std::time::Instant::now();
-                if fenced {
-                    fenced = false;
-                    info!("in touch with a majority again; reconciling");
+            // Self-fencing: when the voters this node is not in touch with (both ways) could
+            // form a majority, it starts nothing, and after half the placement grace it stops
+            // its VMs: that majority places them elsewhere once the grace has passed. Back
+            // in touch, it starts them again.
+            use blixard_reconcile::fence::Step;
+            match fence.step(self.ctx.cut_off(), std::time::Instant::now(), self.ctx.placement_grace) {
+                Step::Reconcile { back: true } => {
+                    // Its VMs may have moved meanwhile: learn that before starting them.
+                    info!("in touch with a majority again; catching up");
+                    self.catch_up().instrument(info_span!("reconcile_catch_up")).await;
                     for (name, m) in memory.iter_mut() {
                         m.stopped_on_purpose = true;
                         m.next_restart_ms = 0;
                         debug!(vm = %name, "may start again");
                     }
                 }
-            } else if quorum_seen.elapsed() >= self.ctx.placement_grace / 2 {
-                if !fenced {
-                    warn!(after = ?quorum_seen.elapsed(), "cut off from a majority of the cluster: stopping this node's VMs (they will be placed elsewhere)");
-                    fenced = true;
+                Step::Reconcile { back: false } => {}
+                // Running VMs keep running for now; nothing starts (this node may be about
+                // to lose them).
+                Step::Wait => {
+                    next = tokio::time::Instant::now() + TICK_BUSY;
+                    continue;
                 }
-                self.fence().await;
-                next = tokio::time::Instant::now() + TICK_BUSY;
-                continue;
+                Step::Fence { first } => {
+                    if first {
+                        warn!("cut off from a majority of the cluster: stopping this node's VMs (they will be placed elsewhere)");
+                    }
+                    self.fence().await;
+                    next = tokio::time::Instant::now() + TICK_BUSY;
+                    continue;
+                }
             }
             let settled = self.round(&mut memory, &mut busy, &done_tx).instrument(info_span!("reconcile")).await;
             next = tokio::time::Instant::now() + if settled && busy.is_empty() { TICK_IDLE } else { TICK_BUSY };
         }
-    }
-
-    /// Whether the voters this node cannot see (per gossip) could form a majority without
-    /// it, i.e. could be placing its VMs elsewhere. (A 2-node cluster split in two cannot:
-    /// neither half has a quorum, so neither fences.)
-    fn others_could_act(&self) -> bool {
-        let voters: Vec<blixard_types::NodeId> =
-            self.ctx.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
-        if voters.is_empty() {
-            return false;
-        }
-        let det = self.ctx.liveness.lock().unwrap_or_else(|p| p.into_inner());
-        let unseen = voters.iter().filter(|id| !self.ctx.is_alive_locked(&det, id)).count();
-        unseen * 2 > voters.len()
     }
 
     /// Kills every active VM on this node at once (no graceful stop: the majority's copy may
@@ -272,8 +266,9 @@ impl Executor {
         }
     }
 
-    /// Waits until this node's applied state is at least the leader's commit index (read
-    /// linearizably from the leader).
+    /// Waits until this node has applied everything in the leader's log (read from the
+    /// leader): its last index, not only what it has committed, since an entry the leader
+    /// proposed while cut off (a VM moved away from here) may commit a moment later.
     async fn catch_up(&self) {
         loop {
             match self.ctx.leader().await {
@@ -282,11 +277,11 @@ impl Executor {
                         break;
                     }
                 }
-                Ok(l) => match self.ctx.forward(l, blixard_types::rpc::ClientRequest::Status).await {
-                    Ok(blixard_types::rpc::ClientResponse::Status(s)) => {
+                Ok(l) => match self.ctx.forward(l, blixard_types::rpc::ClientRequest::NodeStatus { node: l.to_string() }).await {
+                    Ok(blixard_types::rpc::ClientResponse::Node(s)) => {
                         let mut m = self.ctx.raft.metrics();
                         let applied = |m: &openraft::RaftMetrics<_, _>| m.last_applied.map(|l| l.index).unwrap_or(0);
-                        let reached = tokio::time::timeout(Duration::from_secs(30), m.wait_for(|m| applied(m) >= s.commit_index)).await;
+                        let reached = tokio::time::timeout(Duration::from_secs(30), m.wait_for(|m| applied(m) >= s.last_log_index)).await;
                         if matches!(reached, Ok(Ok(_))) {
                             break;
                         }

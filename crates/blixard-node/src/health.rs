@@ -23,7 +23,8 @@ use crate::now_ms;
 /// The topic of a cluster: a hash of its id, so clusters never share one.
 pub fn topic(cluster: &blixard_types::ClusterId) -> TopicId {
     let mut h = blake3::Hasher::new();
-    h.update(b"blixard/gossip/1");
+    // 2: reports carry `hears`; nodes of version 1 use another topic.
+    h.update(b"blixard/gossip/2");
     h.update(&cluster.0);
     TopicId::from_bytes(*h.finalize().as_bytes())
 }
@@ -40,6 +41,8 @@ fn own_report(ctx: &NodeCtx, seq: u64, incarnation: u64) -> NodeHealth {
         .filter(|(_, v)| v.node == Some(ctx.id) && v.state == VmState::Running)
         .map(|(n, _)| n.clone())
         .collect();
+    let voters: Vec<NodeId> = ctx.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+    let hears = ctx.liveness.lock().unwrap_or_else(|p| p.into_inner()).hears(voters.iter().filter(|v| **v != ctx.id), std::time::Instant::now());
     NodeHealth {
         seq,
         incarnation,
@@ -50,6 +53,7 @@ fn own_report(ctx: &NodeCtx, seq: u64, incarnation: u64) -> NodeHealth {
         },
         vms_running,
         images: ctx.images.held().into_iter().collect(),
+        hears,
     }
 }
 

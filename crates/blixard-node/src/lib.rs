@@ -28,7 +28,8 @@ pub mod executor;
 pub mod health;
 pub mod images;
 pub mod join;
-pub mod liveness;
+/// Failure detection (pure; shared with the simulator).
+pub use blixard_reconcile::liveness;
 pub mod metrics;
 pub mod node;
 pub mod placer;

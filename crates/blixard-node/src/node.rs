@@ -103,6 +103,15 @@ impl NodeCtx {
         *id == self.id || d.liveness(id, std::time::Instant::now()) == crate::liveness::Liveness::Alive
     }
 
+    /// Whether the voters this node is not in touch with (per gossip, both ways) could form
+    /// a majority without it, i.e. could be placing its VMs elsewhere.
+    pub fn cut_off(&self) -> bool {
+        let voters: Vec<NodeId> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let det = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        blixard_reconcile::fence::others_could_act(&voters, |id| det.in_touch(&self.id, id, now))
+    }
+
     /// `alive`, `suspect`, `dead` or `unknown` (itself: `alive`).
     pub fn liveness_of(&self, id: &NodeId) -> crate::liveness::Liveness {
         if *id == self.id {

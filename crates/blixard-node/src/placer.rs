@@ -25,6 +25,8 @@ pub async fn run(ctx: NodeCtx) {
     let metrics = ctx.raft.metrics();
     let mut applied = ctx.applied.clone();
     let mut last = std::time::Instant::now();
+    // Only to know how long this node has been in touch (it never fences here).
+    let mut touch = blixard_reconcile::fence::Fence::new(last);
     let mut next = tokio::time::Instant::now() + TICK;
     loop {
         // A new entry (a VM created, a node gone) is placed at once; the tick catches the
@@ -40,6 +42,7 @@ pub async fn run(ctx: NodeCtx) {
                 }
             }
         }
+        touch.step(ctx.cut_off(), std::time::Instant::now(), ctx.placement_grace);
         if metrics.borrow().current_leader != Some(ctx.id) {
             continue;
         }
@@ -48,23 +51,25 @@ pub async fn run(ctx: NodeCtx) {
             tokio::time::sleep(wait).await;
         }
         last = std::time::Instant::now();
-        round(&ctx).instrument(tracing::info_span!("placement")).await;
+        let in_touch_for = touch.in_touch_for(std::time::Instant::now());
+        round(&ctx, in_touch_for).instrument(tracing::info_span!("placement")).await;
     }
 }
 
 /// Whether the VMs on `node` must move: it is dead (per gossip) for longer than the grace
-/// period ([`GRACE`] by default).
-fn lost(ctx: &NodeCtx, node: &NodeId) -> bool {
+/// period ([`GRACE`] by default), and this node has been in touch with a majority for at
+/// least as long (`in_touch_for`), so the silence is the other node's.
+fn lost(ctx: &NodeCtx, node: &NodeId, in_touch_for: Duration) -> bool {
     if *node == ctx.id {
         return false;
     }
     let d = ctx.liveness.lock().unwrap_or_else(|p| p.into_inner());
-    d.silent_for(node, std::time::Instant::now()).is_some_and(|s| s >= crate::liveness::DEAD_AFTER + ctx.placement_grace)
+    d.lost(node, std::time::Instant::now(), ctx.placement_grace, in_touch_for)
 }
 
 /// One placement round: decided by [`blixard_state::ClusterState::plan_placements`], then
 /// proposed one by one. Returns how many VMs were placed.
-pub async fn round(ctx: &NodeCtx) -> usize {
+pub async fn round(ctx: &NodeCtx, in_touch_for: Duration) -> usize {
     let plan = {
         let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
         let mut views = st.state.node_views(|id| ctx.is_alive(id));
@@ -81,10 +86,16 @@ pub async fn round(ctx: &NodeCtx) -> usize {
         }
         let salt = st.last_applied.as_ref().map(|l| l.index).unwrap_or(0);
         st.state
-            .plan_placements(views, |n| lost(ctx, n), salt, PER_ROUND)
+            .plan_placements(views, |n| lost(ctx, n, in_touch_for), salt, PER_ROUND)
     };
     let mut placed = 0;
+    let decided = std::time::Instant::now();
     for p in plan {
+        // A plan is only as good as the liveness it was made from: after a proposal that
+        // took long (no quorum for a while), decide again.
+        if decided.elapsed() > TICK {
+            break;
+        }
         match p {
             Placement::Place { name, node, from } => {
                 match ctx

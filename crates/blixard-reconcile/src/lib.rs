@@ -15,6 +15,9 @@
 
 use std::collections::BTreeMap;
 
+pub mod fence;
+pub mod liveness;
+
 use blixard_types::vm::{Desired, RestartPolicy, VmReport, VmSpec, VmState};
 
 /// Restarts within one failure streak before a VM is declared failed.

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::command::Resources;
+use crate::NodeId;
 
 /// A node's periodic report about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +21,10 @@ pub struct NodeHealth {
     pub vms_running: Vec<String>,
     /// Images the node holds, complete and verified.
     pub images: Vec<String>,
+    /// The voters the node heard from recently (alive to it). A node runs its VMs only
+    /// while a majority of voters both are heard by it and list it here, so a node that
+    /// hears the others but is not heard by them (a one-way partition) stops them too.
+    pub hears: Vec<NodeId>,
 }
 
 /// The versioned wire form.

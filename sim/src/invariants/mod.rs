@@ -2,6 +2,7 @@
 //! plain data fed by observations (what a node applied, who leads which term, what a client
 //! was told); it returns a description of each violation it sees.
 
+pub mod capacity;
 pub mod election_safety;
 pub mod log_matching;
 pub mod oracle;
