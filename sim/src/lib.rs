@@ -16,10 +16,12 @@
 //!   state machine wrapper that feeds the checkers.
 //! - [`invariants`]: one file per checked property, plus the client oracle.
 //! - [`cluster`]: nodes (start, crash, restart), the nemesis, clients, the two phases.
+//! - [`orchestrate`]: each node's health gossip, placer and executor, deciding with the
+//!   node's own pure functions; [`backend`]: the simulated `VmBackend` they drive.
+//! - [`c1m`]: a million VMs on ten thousand nodes through `apply` and the planner.
 //!
-//! Not modelled yet: the scheduler and reconciler with a simulated VM backend, and the C1M
-//! scale run (they wait for the orchestration work); loss of un-fsync'd writes; clock *rate*
-//! drift in Raft's own timers. See `sim/README.md`.
+//! Not modelled yet: loss of un-fsync'd writes; clock *rate* drift in Raft's own timers;
+//! membership changes under faults. See `sim/README.md`.
 
 use std::io::Cursor;
 use std::time::Duration;
