@@ -371,8 +371,18 @@ impl Sim {
                 .ok()
                 .and_then(|a| a.last_applied.map(|l| l.index));
             let Some(applied) = applied else { continue };
+            // Entries a snapshot covers are not the log any more: openraft never reads them
+            // and purges them soon. After installing a snapshot whose last entry it did not
+            // have, it does not truncate older, conflicting entries first, and its metrics
+            // lag the install, so the install itself sets the floor.
+            let covered = self.raft(id).and_then(|r| {
+                let m = r.metrics().borrow().clone();
+                m.purged.max(m.snapshot).map(|l| l.index)
+            });
+            let installed = self.world.lock().snapshot_floor.get(&id).copied();
+            let from = covered.max(installed).map_or(0, |i| i + 1);
             // The store reads inline: no other task runs between these lines.
-            let entries: Vec<Entry> = match reader.try_get_log_entries(..=applied).await {
+            let entries: Vec<Entry> = match reader.try_get_log_entries(from..=applied).await {
                 Ok(e) => e,
                 Err(e) => {
                     self.world

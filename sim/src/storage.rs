@@ -261,6 +261,8 @@ impl RaftStateMachine<SimConfig> for CheckedSm {
             meta.snapshot_id
         ));
         if let Some(last) = &meta.last_log_id {
+            let floor = w.snapshot_floor.entry(node).or_default();
+            *floor = (*floor).max(last.index);
             let v = w.checks.states.on_state(node, last.index, state);
             w.violations_opt(v);
         }

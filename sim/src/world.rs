@@ -143,6 +143,9 @@ pub struct WorldState {
     pub vm_faults: VmFaults,
     /// Images each node holds (kept across restarts, like the blob store).
     pub images_held: BTreeMap<u64, BTreeSet<String>>,
+    /// Per node, the last index of the newest snapshot it installed: its stored log below
+    /// that is no longer compared (see `check_logs`).
+    pub snapshot_floor: BTreeMap<u64, u64>,
     /// Each running node's failure detector, fed by gossip (lost in a crash).
     pub detectors: BTreeMap<u64, Detector>,
     start: Instant,
@@ -170,6 +173,7 @@ impl WorldState {
             vm_faults: VmFaults::CALM,
             images_held: BTreeMap::new(),
             detectors: BTreeMap::new(),
+            snapshot_floor: BTreeMap::new(),
             start: Instant::now(),
         }
     }
