@@ -516,10 +516,9 @@ async fn watch_metrics(
                     "n{id} term {} {:?} leader {:?}",
                     m.current_term, m.state, m.current_leader
                 ));
-                if m.state == ServerState::Leader
-                    && w.checks.election.observe_leader(id, m.current_term)
-                {
-                    w.counters.bump("terms_with_several_leaders");
+                if m.state == ServerState::Leader {
+                    let v = w.checks.election.observe_leader(id, m.current_term);
+                    w.violations_opt(v);
                 }
             }
             let v = w.checks.election.observe_vote(id, m.vote);

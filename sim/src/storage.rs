@@ -45,7 +45,6 @@ pub fn digest(entry: &Entry) -> EntryDigest {
     let bytes = postcard::to_allocvec(entry).unwrap_or_default();
     EntryDigest {
         term: entry.log_id.leader_id.term,
-        leader: entry.log_id.leader_id.node_id,
         hash: *blake3::hash(&bytes).as_bytes(),
     }
 }

@@ -7,11 +7,11 @@
 
 use std::collections::BTreeMap;
 
-/// What a committed entry is: term, leader and a BLAKE3 hash of the encoded entry.
+/// What a committed entry is: its term (one leader per term) and a BLAKE3 hash of the
+/// encoded entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EntryDigest {
     pub term: u64,
-    pub leader: u64,
     pub hash: [u8; 32],
 }
 
@@ -26,8 +26,8 @@ impl CommittedLog {
         let (first_node, first) = *self.entries.entry(index).or_insert((node, digest));
         (first != digest).then(|| {
             format!(
-                "committed entry changed: index {index} applied by n{first_node} as term {} (leader n{}) but by n{node} as term {} (leader n{})",
-                first.term, first.leader, digest.term, digest.leader
+                "committed entry changed: index {index} applied by n{first_node} as term {} but by n{node} as term {} (or with other contents)",
+                first.term, digest.term
             )
         })
     }
@@ -75,11 +75,7 @@ mod tests {
     use super::*;
 
     fn d(term: u64, h: u8) -> EntryDigest {
-        EntryDigest {
-            term,
-            leader: 1,
-            hash: [h; 32],
-        }
+        EntryDigest { term, hash: [h; 32] }
     }
 
     #[test]

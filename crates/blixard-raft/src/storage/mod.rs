@@ -70,7 +70,9 @@ impl<C> StorageConfig for C where
 }
 
 /// Version of the table layout and value encodings, stored under `raft_meta/schema_version`.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: standard Raft leader ids (openraft's `single-term-leader`): a log id carries its term
+/// only, a vote is `(term, voted_for)`. Version 1 stores cannot be read.
+pub const SCHEMA_VERSION: u32 = 2;
 
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
@@ -96,7 +98,10 @@ pub enum OpenError {
         source: redb::Error,
     },
     /// The file was written by a build with another layout.
-    #[error("raft store {} has format version {found}; this build reads version {supported}", path.display())]
+    #[error(
+        "raft store {} has format version {found}; this build reads version {supported}: run the Blixard version that wrote it, or move the data dir away and join this node again with a new ticket",
+        path.display()
+    )]
     UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },
     /// A row needed at startup (schema version, persisted snapshot) does not decode.
     #[error("raft store {} is corrupt", path.display())]
