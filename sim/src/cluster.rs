@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as WallInstant};
 
-use blixard_raft::storage::{open_with_options, LogReader, OpenOptions, SharedState};
+use blixard_raft::storage::{open_with_backend, LogReader, OpenOptions, SharedState};
 use blixard_raft::RaftNode;
 use blixard_types::command::{NodeInfo, Refusal};
 use blixard_types::{ClusterId, Command, CommandResult, NodeId, Request};
@@ -234,7 +234,6 @@ fn client_key(c: u64) -> NodeId {
 /// The nodes, their files, and how to start and crash them.
 struct Sim {
     world: Arc<World>,
-    dir: PathBuf,
     config: Arc<openraft::Config>,
     bug: Option<Bug>,
     nodes: u64,
@@ -281,25 +280,32 @@ impl Sim {
         if self.raft(id).is_some() {
             return;
         }
-        let path = self.dir.join(format!("n{id}.redb"));
+        let label = PathBuf::from(format!("n{id}.redb"));
         let options = OpenOptions::default().inline_io(true);
+        let disk = self.world.lock().disks.entry(id).or_default().clone();
+        if self.bug == Some(Bug::LyingFsync) {
+            disk.lie_about_syncs();
+        }
         let mut tries = 0;
         // After a crash the aborted tasks drop their store handles when the runtime next
-        // turns; until then redb refuses to open the file again.
+        // turns; until then the old database has the disk.
         let (log, sm) = loop {
-            match open_with_options::<SimConfig>(&path, options) {
-                Ok(stores) => break stores,
-                Err(e) if tries < 100 => {
-                    tries += 1;
-                    if tries == 100 {
-                        self.world
-                            .lock()
-                            .violation(format!("n{id} cannot reopen its store: {e}"));
+            match disk.backend() {
+                Some(backend) => match open_with_backend::<SimConfig>(backend, &label, options) {
+                    Ok(stores) => break stores,
+                    Err(e) => {
+                        self.world.lock().violation(format!("n{id} cannot reopen its store: {e}"));
                         return;
                     }
+                },
+                None if tries < 100 => {
+                    tries += 1;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                Err(_) => return,
+                None => {
+                    self.world.lock().violation(format!("n{id}'s store is still open 100 ms after its crash"));
+                    return;
+                }
             }
         };
         let mut log = SimLog::new(log, id, self.world.clone(), self.bug);
@@ -627,7 +633,7 @@ async fn nemesis(sim: Arc<Sim>, plan: FaultPlan, mut rng: SimRng) {
         kinds.extend(["partition_symmetric", "partition_one_way"]);
     }
     if plan.crashes {
-        kinds.extend(["crash", "crash"]);
+        kinds.extend(["crash", "crash", "power_loss"]);
     }
     if plan.clock_skew {
         kinds.push("clock_skew");
@@ -682,7 +688,7 @@ async fn nemesis(sim: Arc<Sim>, plan: FaultPlan, mut rng: SimRng) {
                     w.event(format_args!("nemesis heal {side:?}"));
                 });
             }
-            "crash" => {
+            "crash" | "power_loss" => {
                 let up: Vec<u64> = sim.up().into_iter().collect();
                 // Keep at least one node up, so the run is not only restarts.
                 if up.len() <= 1 {
@@ -691,6 +697,13 @@ async fn nemesis(sim: Arc<Sim>, plan: FaultPlan, mut rng: SimRng) {
                 let id = up[rng.below(up.len() as u64) as usize];
                 let down_for = rng.range(plan.downtime_ms.0, plan.downtime_ms.1);
                 sim.crash_node(id, false);
+                if kind == "power_loss" {
+                    // The machine, not only the process: what was not synced is gone.
+                    let mut w = sim.world.lock();
+                    let pages = w.disks.get(&id).map_or(0, |d| d.power_off());
+                    w.counters.bump("power_losses");
+                    w.event(format_args!("n{id} power loss: {pages} unsynced pages lost"));
+                }
                 let s = sim.clone();
                 sim.spawn(async move {
                     tokio::time::sleep(Duration::from_millis(down_for)).await;
@@ -744,20 +757,6 @@ async fn nemesis(sim: Arc<Sim>, plan: FaultPlan, mut rng: SimRng) {
     }
 }
 
-fn temp_dir() -> std::io::Result<tempfile::TempDir> {
-    // fsync on tmpfs is cheap; the code path is the same as on a disk.
-    let shm = std::path::Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(dir) = tempfile::Builder::new()
-            .prefix("blixard-sim-")
-            .tempdir_in(shm)
-        {
-            return Ok(dir);
-        }
-    }
-    tempfile::Builder::new().prefix("blixard-sim-").tempdir()
-}
-
 async fn run(opts: SimOptions) -> Report {
     let world = Arc::new(World::new(WorldState::new(opts.seed, opts.keep_trace)));
     let finish = |world: &World, extra: Option<String>| {
@@ -779,10 +778,6 @@ async fn run(opts: SimOptions) -> Report {
             wall: Duration::ZERO,
         }
     };
-    let dir = match temp_dir() {
-        Ok(d) => d,
-        Err(e) => return finish(&world, Some(format!("cannot create a temp dir: {e}"))),
-    };
     let mut config = blixard_raft::storage::default_config();
     config.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(opts.snapshot_every);
     config.max_in_snapshot_log_to_keep = opts.snapshot_every / 5;
@@ -794,7 +789,6 @@ async fn run(opts: SimOptions) -> Report {
     world.lock().node_ids = (0..opts.nodes).collect();
     let sim = Arc::new(Sim {
         world: world.clone(),
-        dir: dir.path().to_owned(),
         config,
         bug: opts.bug,
         nodes: opts.nodes,
@@ -814,7 +808,6 @@ async fn run(opts: SimOptions) -> Report {
     tokio::task::yield_now().await;
     let report = finish(&world, outcome.err());
     drop(sim);
-    drop(dir);
     report
 }
 

@@ -2,8 +2,8 @@
 //!
 //! N nodes run in one process on one thread: the real openraft, the real
 //! [`ClusterState::apply`](blixard_state::ClusterState::apply) and the real redb storage
-//! (`blixard_raft::storage`, files in a temp dir), over a simulated network and clock driven
-//! by one seed. The same seed replays the same run: the event trace, hashed, is identical.
+//! (`blixard_raft::storage`, on [`disk`]s that lose unsynced writes in a power loss), over
+//! a simulated network and clock driven by one seed. The same seed replays the same run: the event trace, hashed, is identical.
 //!
 //! Layout:
 //! - [`rng`]: the seeded generator everything random draws from.
@@ -32,6 +32,7 @@ use blixard_types::{Request, Response};
 pub mod backend;
 pub mod c1m;
 pub mod cluster;
+pub mod disk;
 pub mod invariants;
 pub mod network;
 pub mod orchestrate;

@@ -263,15 +263,20 @@ async fn executor(world: Arc<World>, id: u64, shared: SharedState<SimConfig>, o:
         }
         let cut_off = cut_off(&world.lock(), id);
         match fence.step(cut_off && !o.no_fence, sim_now(), o.grace) {
-            Step::Reconcile { back: true } => {
-                world.lock().event(format_args!("n{id} in touch again"));
-                catch_up(&world, id, &shared).await;
-                for m in memory.values_mut() {
-                    m.stopped_on_purpose = true;
-                    m.next_restart_ms = 0;
+            Step::Reconcile { resumed, back } => {
+                if back {
+                    world.lock().event(format_args!("n{id} in touch again"));
+                }
+                if resumed {
+                    catch_up(&world, id, &shared).await;
+                }
+                if back {
+                    for m in memory.values_mut() {
+                        m.stopped_on_purpose = true;
+                        m.next_restart_ms = 0;
+                    }
                 }
             }
-            Step::Reconcile { back: false } => {}
             Step::Wait => continue,
             Step::Fence { first } => {
                 if first {

@@ -34,6 +34,9 @@ pub enum Bug {
     ForgetVote,
     /// `append` acknowledges entries as flushed without writing them (one append in four).
     AckUnwritten,
+    /// The disk reports `fsync` done without making anything durable: a power loss takes
+    /// acknowledged writes with it.
+    LyingFsync,
     /// Not storage: the executor never fences, so a node cut off from the majority keeps
     /// running VMs the majority places elsewhere.
     NoFence,

@@ -146,6 +146,9 @@ pub struct WorldState {
     /// Per node, the last index of the newest snapshot it installed: its stored log below
     /// that is no longer compared (see `check_logs`).
     pub snapshot_floor: BTreeMap<u64, u64>,
+    /// Each node's disk under its redb store (outlives crashes; a power loss drops what
+    /// was not synced).
+    pub disks: BTreeMap<u64, crate::disk::SimDisk>,
     /// Each running node's failure detector, fed by gossip (lost in a crash).
     pub detectors: BTreeMap<u64, Detector>,
     start: Instant,
@@ -174,6 +177,7 @@ impl WorldState {
             images_held: BTreeMap::new(),
             detectors: BTreeMap::new(),
             snapshot_floor: BTreeMap::new(),
+            disks: BTreeMap::new(),
             start: Instant::now(),
         }
     }

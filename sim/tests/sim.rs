@@ -64,6 +64,7 @@ fn every_fault_kind_is_injected_and_invariants_hold() {
         "partition_symmetric",
         "partition_one_way",
         "crashes",
+        "power_losses",
         "restarts",
         "clock_skew",
         "slow_disk",
@@ -89,7 +90,8 @@ fn planted_bug_forget_vote_is_caught() {
 }
 
 /// The orchestration side under faults, with a short grace so that VMs do move: nodes
-/// fence, VMs move off lost nodes, no VM ever starts on a node while active on another,
+/// fence, VMs move off lost nodes (one-way partitions included), no VM ever starts on a
+/// node while active on another,
 /// and every VM runs where it is placed once the faults stop.
 #[test]
 fn vms_move_off_lost_nodes_and_never_run_twice() {
@@ -102,7 +104,7 @@ fn vms_move_off_lost_nodes_and_never_run_twice() {
         assert_clean(&r, &o);
         total.merge(&r.counters);
     }
-    for kind in ["fences", "vm_moves", "vm_starts", "vm_crash", "partition_one_way"] {
+    for kind in ["fences", "vm_moves", "vm_starts", "partition_one_way"] {
         assert!(total.get(kind) > 0, "{kind} never happened: {total}");
     }
 }
@@ -111,9 +113,8 @@ fn vms_move_off_lost_nodes_and_never_run_twice() {
 /// exclusivity check sees the VM start on its new node while still active on the old one.
 #[test]
 fn planted_bug_no_fence_is_caught() {
-    for seed in 0..10 {
+    for seed in 0..20 {
         let mut o = SimOptions::new(seed);
-        o.safety_ms = 12_000;
         o.grace_ms = 500;
         o.bug = Some(Bug::NoFence);
         let r = run_seed(&o);
@@ -122,7 +123,13 @@ fn planted_bug_no_fence_is_caught() {
             return;
         }
     }
-    panic!("NoFence was not caught in 10 seeds");
+    panic!("NoFence was not caught in 20 seeds");
+}
+
+/// A disk whose fsync does nothing loses acknowledged writes in a power loss.
+#[test]
+fn planted_bug_lying_fsync_is_caught() {
+    planted(Bug::LyingFsync, |_| {});
 }
 
 /// A log store that acknowledges appends it never wrote loses committed entries.

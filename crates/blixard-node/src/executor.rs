@@ -222,17 +222,22 @@ impl Executor {
             // in touch, it starts them again.
             use blixard_reconcile::fence::Step;
             match fence.step(self.ctx.cut_off(), std::time::Instant::now(), self.ctx.placement_grace) {
-                Step::Reconcile { back: true } => {
-                    // Its VMs may have moved meanwhile: learn that before starting them.
-                    info!("in touch with a majority again; catching up");
-                    self.catch_up().instrument(info_span!("reconcile_catch_up")).await;
-                    for (name, m) in memory.iter_mut() {
-                        m.stopped_on_purpose = true;
-                        m.next_restart_ms = 0;
-                        debug!(vm = %name, "may start again");
+                Step::Reconcile { resumed, back } => {
+                    if back {
+                        info!("in touch with a majority again; catching up");
+                    }
+                    if resumed {
+                        // Its VMs may have moved while it was not acting: learn that first.
+                        self.catch_up().instrument(info_span!("reconcile_catch_up")).await;
+                    }
+                    if back {
+                        for (name, m) in memory.iter_mut() {
+                            m.stopped_on_purpose = true;
+                            m.next_restart_ms = 0;
+                            debug!(vm = %name, "may start again");
+                        }
                     }
                 }
-                Step::Reconcile { back: false } => {}
                 // Running VMs keep running for now; nothing starts (this node may be about
                 // to lose them).
                 Step::Wait => {

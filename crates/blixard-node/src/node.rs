@@ -103,6 +103,20 @@ impl NodeCtx {
         *id == self.id || d.liveness(id, std::time::Instant::now()) == crate::liveness::Liveness::Alive
     }
 
+    /// Resolves when this node's Raft has stopped on a fatal error, with the error.
+    pub async fn raft_stopped(&self) -> String {
+        let mut m = self.raft.metrics();
+        loop {
+            if let Err(fatal) = &m.borrow_and_update().running_state {
+                tracing::error!(error = %fatal, "raft stopped");
+                return fatal.to_string();
+            }
+            if m.changed().await.is_err() {
+                return "the raft core ended".into();
+            }
+        }
+    }
+
     /// Whether the voters this node is not in touch with (per gossip, both ways) could form
     /// a majority without it, i.e. could be placing its VMs elsewhere.
     pub fn cut_off(&self) -> bool {

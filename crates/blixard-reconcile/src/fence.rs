@@ -24,13 +24,21 @@ pub fn others_could_act(voters: &[NodeId], sees: impl Fn(&NodeId) -> bool) -> bo
     unseen * 2 > voters.len()
 }
 
+/// How long a node must have been in touch before it acts again (at start, or after being
+/// cut off). The leader heard it again at the start of this at the latest, so a placement
+/// the leader decided before (from the node's silence) has been proposed or dropped by
+/// the end of it (plans live one placer tick, 500 ms), and the catch-up that follows sees it.
+pub const SETTLE: Duration = Duration::from_secs(1);
+
 /// What the executor does this round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
-    /// In touch: reconcile as usual. `back`: the node was fenced until now, so the VMs it
-    /// stopped may start again at once.
-    Reconcile { back: bool },
-    /// Cut off, not yet for long: start nothing; running VMs keep running.
+    /// In touch (for [`SETTLE`] at least): reconcile. `resumed`: the first round after
+    /// not reconciling, so catch up with the leader's log first. `back`: the node was fenced
+    /// until now, so the VMs it stopped may start again at once.
+    Reconcile { resumed: bool, back: bool },
+    /// Cut off, not yet for long, or in touch for less than [`SETTLE`]: start nothing;
+    /// running VMs keep running.
     Wait,
     /// Cut off for `grace / 2`: stop every active VM now (and do nothing else). `first`:
     /// the first round of this fencing.
@@ -46,11 +54,13 @@ pub struct Fence {
     /// Since when in touch without a break (`None`: cut off, or not yet in touch).
     streak_from: Option<Instant>,
     fenced: bool,
+    /// The last step was `Reconcile`.
+    reconciling: bool,
 }
 
 impl Fence {
     pub fn new(now: Instant) -> Self {
-        Self { in_touch_at: now, streak_from: None, fenced: false }
+        Self { in_touch_at: now, streak_from: None, fenced: false, reconciling: false }
     }
 
     /// How long this node has been in touch without a break. The leader trusts its
@@ -69,9 +79,15 @@ impl Fence {
         }
         if !cut_off {
             self.in_touch_at = now;
+            if self.in_touch_for(now) < SETTLE {
+                self.reconciling = false;
+                return Step::Wait;
+            }
             let back = std::mem::take(&mut self.fenced);
-            return Step::Reconcile { back };
+            let resumed = !std::mem::replace(&mut self.reconciling, true);
+            return Step::Reconcile { resumed, back };
         }
+        self.reconciling = false;
         if now.saturating_duration_since(self.in_touch_at) < grace / 2 {
             return Step::Wait;
         }
@@ -103,20 +119,25 @@ mod tests {
     #[test]
     fn fences_after_half_the_grace_and_comes_back() {
         let t0 = Instant::now();
+        let s = |secs: f64| t0 + Duration::from_secs_f64(secs);
         let grace = Duration::from_secs(10);
         let mut f = Fence::new(t0);
         assert_eq!(f.in_touch_for(t0 + grace), Duration::ZERO, "not in touch before the first round");
-        assert_eq!(f.step(false, t0, grace), Step::Reconcile { back: false });
-        assert_eq!(f.step(true, t0 + Duration::from_secs(4), grace), Step::Wait);
-        assert_eq!(f.step(true, t0 + Duration::from_secs(5), grace), Step::Fence { first: true });
-        assert_eq!(f.step(true, t0 + Duration::from_secs(6), grace), Step::Fence { first: false });
+        assert_eq!(f.step(false, t0, grace), Step::Wait, "in touch, not yet for SETTLE");
+        assert_eq!(f.step(false, s(1.0), grace), Step::Reconcile { resumed: true, back: false });
+        assert_eq!(f.step(false, s(1.5), grace), Step::Reconcile { resumed: false, back: false });
+        assert_eq!(f.step(true, s(5.0), grace), Step::Wait);
+        assert_eq!(f.step(true, s(6.5), grace), Step::Fence { first: true });
+        assert_eq!(f.step(true, s(7.0), grace), Step::Fence { first: false });
         assert!(f.fenced());
-        let t1 = t0 + Duration::from_secs(7);
-        assert_eq!(f.step(false, t1, grace), Step::Reconcile { back: true });
-        assert_eq!(f.step(false, t1, grace), Step::Reconcile { back: false });
-        assert_eq!(f.in_touch_for(t1 + Duration::from_secs(3)), Duration::from_secs(3));
-        // The clock restarts from the last time in touch.
-        assert_eq!(f.step(true, t1 + Duration::from_secs(4), grace), Step::Wait);
-        assert_eq!(f.in_touch_for(t1 + Duration::from_secs(4)), Duration::ZERO);
+        assert_eq!(f.step(false, s(8.0), grace), Step::Wait, "back in touch: settles first");
+        assert_eq!(f.in_touch_for(s(8.5)), Duration::from_millis(500));
+        assert_eq!(f.step(false, s(9.0), grace), Step::Reconcile { resumed: true, back: true });
+        assert_eq!(f.step(false, s(9.5), grace), Step::Reconcile { resumed: false, back: false });
+        // Cut off briefly (no fence): catches up again when it resumes.
+        assert_eq!(f.step(true, s(10.0), grace), Step::Wait);
+        assert_eq!(f.in_touch_for(s(10.0)), Duration::ZERO);
+        assert_eq!(f.step(false, s(10.5), grace), Step::Wait);
+        assert_eq!(f.step(false, s(11.5), grace), Step::Reconcile { resumed: true, back: false });
     }
 }

@@ -37,12 +37,7 @@ impl Liveness {
 struct Seen {
     at: Instant,
     report: NodeHealth,
-    /// The node's earlier incarnations (newest last, a few): their reports are replays.
-    past: Vec<u64>,
 }
-
-/// How many earlier incarnations of a node are remembered.
-const PAST_INCARNATIONS: usize = 8;
 
 /// What this node has heard from the others.
 #[derive(Debug, Clone)]
@@ -63,30 +58,25 @@ impl Detector {
         Self { suspect_after, dead_after, seen: BTreeMap::new() }
     }
 
-    /// Records a report; returns false for stale or replayed ones: within one incarnation
-    /// (process) seq must grow; a new incarnation is taken whatever its seq, since seq is
-    /// the node's wall clock and a node restarted after its clock stepped back would
-    /// otherwise be ignored (dead to everyone) until its clock caught up; an earlier
-    /// incarnation is a replay.
+    /// Records a report; returns false for stale or replayed ones. Within one incarnation
+    /// (process) seq must grow. A report of another incarnation is taken once the current
+    /// one has been silent for `suspect_after` (it is gone; until then its last report
+    /// keeps the node alive), whatever its seq: seq is the node's wall clock, and ordering
+    /// incarnations by it would ignore a node restarted after its clock stepped back (dead to
+    /// everyone until its clock caught up), while a late report of an earlier process,
+    /// arriving while the current one is heard, would take over.
     pub fn observe(&mut self, from: NodeId, report: NodeHealth, now: Instant) -> bool {
-        let mut past = Vec::new();
         if let Some(s) = self.seen.get(&from) {
-            if report.incarnation == s.report.incarnation {
-                if report.seq <= s.report.seq {
-                    return false;
-                }
-                past = s.past.clone();
-            } else if s.past.contains(&report.incarnation) {
-                return false;
+            let take = if report.incarnation == s.report.incarnation {
+                report.seq > s.report.seq
             } else {
-                past = s.past.clone();
-                past.push(s.report.incarnation);
-                if past.len() > PAST_INCARNATIONS {
-                    past.remove(0);
-                }
+                now.saturating_duration_since(s.at) >= self.suspect_after
+            };
+            if !take {
+                return false;
             }
         }
-        self.seen.insert(from, Seen { at: now, report, past });
+        self.seen.insert(from, Seen { at: now, report });
         true
     }
 
@@ -183,18 +173,26 @@ mod tests {
     }
 
     #[test]
-    fn a_restart_after_the_clock_stepped_back_is_heard_and_old_incarnations_are_replays() {
+    fn a_restart_after_the_clock_stepped_back_is_heard_and_late_reports_are_not() {
         let t0 = Instant::now();
         let mut d = Detector::default();
         let a = NodeId([1; 32]);
         let r = |incarnation, seq| NodeHealth { seq, incarnation, ..Default::default() };
         assert!(d.observe(a, r(1, 50_000), t0));
-        // Restarted with its clock 30 s behind: a new incarnation, a lower seq.
-        assert!(d.observe(a, r(2, 20_000), t0), "the restarted node must be heard at once");
-        assert!(d.observe(a, r(2, 20_500), t0));
-        assert!(!d.observe(a, r(2, 20_500), t0), "a replay within the incarnation");
-        assert!(!d.observe(a, r(1, 60_000), t0), "a report of the earlier incarnation is a replay");
+        // Restarted with its clock 30 s behind: a new incarnation, a lower seq. Taken once
+        // the old process has been silent for SUSPECT_AFTER (well before it is dead).
+        assert!(!d.observe(a, r(2, 20_000), t0 + Duration::from_millis(500)));
+        let t1 = t0 + SUSPECT_AFTER;
+        assert!(d.observe(a, r(2, 20_500), t1), "the restarted node is heard");
+        assert!(d.liveness(&a, t1) == Liveness::Alive);
+        assert!(!d.observe(a, r(2, 20_500), t1), "a replay within the incarnation");
+        // A late report of the earlier process while the current one is heard.
+        assert!(!d.observe(a, r(1, 40_000), t1 + Duration::from_millis(100)));
+        assert!(d.observe(a, r(2, 21_000), t1 + Duration::from_millis(500)));
         assert_eq!(d.report(&a).map(|h| h.incarnation), Some(2));
+        // Any restart: the new process is taken once the old one is silent.
+        assert!(!d.observe(a, r(3, 90_000), t1 + Duration::from_millis(600)));
+        assert!(d.observe(a, r(3, 90_500), t1 + Duration::from_millis(500) + SUSPECT_AFTER));
     }
 
     #[test]

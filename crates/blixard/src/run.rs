@@ -63,11 +63,23 @@ pub async fn run(data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<()>
     if let Err(e) = crate::notify::notify("READY=1") {
         tracing::warn!(error = %e, "could not notify systemd of readiness");
     }
-    shutdown_signal().await?;
+    // A Raft that stopped on a fatal error does not come back by itself: the node exits with
+    // an error instead of serving on without it, so that its supervisor (systemd
+    // `Restart=on-failure`) restarts it, and Raft recovers from the store.
+    let stopped = tokio::select! {
+        r = shutdown_signal() => {
+            r?;
+            None
+        }
+        fatal = node.ctx().raft_stopped() => Some(fatal),
+    };
     info!("shutting down");
     let _ = crate::notify::notify("STOPPING=1");
     node.shutdown().await;
-    Ok(())
+    match stopped {
+        None => Ok(()),
+        Some(fatal) => anyhow::bail!("raft stopped on a fatal error ({fatal}); restart the node to recover it from its store"),
+    }
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

@@ -240,6 +240,24 @@ pub fn open_with_options<C: StorageConfig>(
     path: &Path,
     options: OpenOptions,
 ) -> Result<(LogStore<C>, StateMachineStore<C>), OpenError> {
+    open_database(path, options, || Database::create(path))
+}
+
+/// [`open_with_options`] on any redb storage backend (the simulator's disks, which lose
+/// what was not synced when the power goes). `label` names the store in errors.
+pub fn open_with_backend<C: StorageConfig>(
+    backend: impl redb::StorageBackend,
+    label: &Path,
+    options: OpenOptions,
+) -> Result<(LogStore<C>, StateMachineStore<C>), OpenError> {
+    open_database(label, options, || redb::Builder::new().create_with_backend(backend))
+}
+
+fn open_database<C: StorageConfig>(
+    path: &Path,
+    options: OpenOptions,
+    create: impl FnOnce() -> Result<Database, redb::DatabaseError>,
+) -> Result<(LogStore<C>, StateMachineStore<C>), OpenError> {
     let span = tracing::debug_span!("raft_store_open", path = %path.display());
     let _guard = span.enter();
     let db_err = |e: DbError| match e {
@@ -247,7 +265,7 @@ pub fn open_with_options<C: StorageConfig>(
         DbError::Corrupt(source) => OpenError::Corrupt { path: path.to_owned(), source },
         other => OpenError::Corrupt { path: path.to_owned(), source: CorruptError::new("raft store", other) },
     };
-    let db = Database::create(path).map_err(|e| db_err(DbError::from(e)))?;
+    let db = create().map_err(|e| db_err(DbError::from(e)))?;
     prepare_tables(&db).map_err(|e| match e {
         Prepared::Db(e) => db_err(e),
         Prepared::Version(found) => {
