@@ -214,25 +214,30 @@ fn observe(state: VmState, error: Option<String>) -> Observed {
     Observed { local: Some(local), healthy: (state == VmState::Running).then_some(true), error }
 }
 
-/// Waits until node `id` has applied its leader's whole log (`Executor::catch_up`): the
-/// executor acts only once it knows where its VMs are now.
+/// Whether node `id` has applied its leader's whole log (`Executor::catch_up_once`): the
+/// executor acts only once it knows where its VMs are now. One look, no waiting: the loop
+/// asks again next tick, and meanwhile goes on deciding whether to fence.
+fn caught_up(world: &Arc<World>, id: u64, shared: &SharedState<SimConfig>) -> bool {
+    let target = {
+        let w = world.lock();
+        let leader = w.rafts.get(&id).and_then(|r| r.metrics().borrow().current_leader);
+        leader
+            .filter(|l| !w.blocked.contains(&(id, *l)) && !w.blocked.contains(&(*l, id)))
+            .and_then(|l| w.rafts.get(&l))
+            .map(|r| r.metrics().borrow().last_log_index.unwrap_or(0))
+    };
+    let Some(target) = target else { return false };
+    let applied = shared.read().ok().and_then(|a| a.last_applied.map(|l| l.index)).unwrap_or(0);
+    let done = applied >= target;
+    if done {
+        world.lock().event(format_args!("n{id} executor caught up at {applied}"));
+    }
+    done
+}
+
+/// Waits until [`caught_up`] (at start: no VM runs on the node yet, so waiting is safe).
 async fn catch_up(world: &Arc<World>, id: u64, shared: &SharedState<SimConfig>) {
-    loop {
-        let target = {
-            let w = world.lock();
-            let leader = w.rafts.get(&id).and_then(|r| r.metrics().borrow().current_leader);
-            leader
-                .filter(|l| !w.blocked.contains(&(id, *l)) && !w.blocked.contains(&(*l, id)))
-                .and_then(|l| w.rafts.get(&l))
-                .map(|r| r.metrics().borrow().last_log_index.unwrap_or(0))
-        };
-        if let Some(target) = target {
-            let applied = shared.read().ok().and_then(|a| a.last_applied.map(|l| l.index)).unwrap_or(0);
-            if applied >= target {
-                world.lock().event(format_args!("n{id} executor caught up at {applied}"));
-                return;
-            }
-        }
+    while !caught_up(world, id, shared) {
         tokio::time::sleep(EXECUTOR_TICK).await;
     }
 }
@@ -267,8 +272,9 @@ async fn executor(world: Arc<World>, id: u64, shared: SharedState<SimConfig>, o:
                 if back {
                     world.lock().event(format_args!("n{id} in touch again"));
                 }
-                if resumed {
-                    catch_up(&world, id, &shared).await;
+                if resumed && !caught_up(&world, id, &shared) {
+                    fence.retry_resume(back);
+                    continue;
                 }
                 if back {
                     for m in memory.values_mut() {

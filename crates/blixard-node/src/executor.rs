@@ -41,6 +41,8 @@ const TICK_IDLE: Duration = Duration::from_secs(2);
 const READY_WATCH: Duration = Duration::from_secs(300);
 /// How long a guest gets to shut down before its hypervisor is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one catch-up attempt may take inside the loop.
+const CATCH_UP_TRY: Duration = Duration::from_secs(2);
 
 /// Which VM backends a node runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -226,9 +228,11 @@ impl Executor {
                     if back {
                         info!("in touch with a majority again; catching up");
                     }
-                    if resumed {
-                        // Its VMs may have moved while it was not acting: learn that first.
-                        self.catch_up().instrument(info_span!("reconcile_catch_up")).await;
+                    // Its VMs may have moved while it was not acting: learn that first.
+                    if resumed && !self.catch_up_once().instrument(info_span!("reconcile_catch_up")).await {
+                        fence.retry_resume(back);
+                        next = tokio::time::Instant::now() + TICK_BUSY;
+                        continue;
                     }
                     if back {
                         for (name, m) in memory.iter_mut() {
@@ -275,29 +279,37 @@ impl Executor {
     /// leader): its last index, not only what it has committed, since an entry the leader
     /// proposed while cut off (a VM moved away from here) may commit a moment later.
     async fn catch_up(&self) {
-        loop {
+        while !self.catch_up_once().await {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        info!("caught up with the cluster; reconciling");
+    }
+
+    /// One attempt at [`Self::catch_up`], bounded by [`CATCH_UP_TRY`]: the loop must get back
+    /// to its fencing decisions when the leader cannot be reached.
+    async fn catch_up_once(&self) -> bool {
+        let attempt = async {
             match self.ctx.leader().await {
-                Ok(l) if l == self.ctx.id => {
-                    if crate::client_api::linearizable(&self.ctx).await.is_ok() {
-                        break;
-                    }
-                }
+                Ok(l) if l == self.ctx.id => crate::client_api::linearizable(&self.ctx).await.is_ok(),
                 Ok(l) => match self.ctx.forward(l, blixard_types::rpc::ClientRequest::NodeStatus { node: l.to_string() }).await {
                     Ok(blixard_types::rpc::ClientResponse::Node(s)) => {
                         let mut m = self.ctx.raft.metrics();
                         let applied = |m: &openraft::RaftMetrics<_, _>| m.last_applied.map(|l| l.index).unwrap_or(0);
-                        let reached = tokio::time::timeout(Duration::from_secs(30), m.wait_for(|m| applied(m) >= s.last_log_index)).await;
-                        if matches!(reached, Ok(Ok(_))) {
-                            break;
-                        }
+                        let reached = m.wait_for(|m| applied(m) >= s.last_log_index).await;
+                        reached.is_ok()
                     }
-                    other => debug!(result = ?other.map(|_| ()), "commit index not known yet"),
+                    other => {
+                        debug!(result = ?other.map(|_| ()), "the leader's log index not known yet");
+                        false
+                    }
                 },
-                Err(e) => debug!(error = %e, "no leader yet"),
+                Err(e) => {
+                    debug!(error = %e, "no leader yet");
+                    false
+                }
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        info!("caught up with the cluster; reconciling");
+        };
+        tokio::time::timeout(CATCH_UP_TRY, attempt).await.unwrap_or(false)
     }
 
     /// One reconciliation round. Returns whether every VM here is where it should be (no

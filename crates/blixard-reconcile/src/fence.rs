@@ -99,6 +99,14 @@ impl Fence {
     pub fn fenced(&self) -> bool {
         self.fenced
     }
+
+    /// The catch-up a `Reconcile { resumed: true, back }` asked for did not finish (the
+    /// leader could not be reached): the next round that may reconcile resumes again, with
+    /// the same `back`. Catching up must not hold up the fencing decisions meanwhile.
+    pub fn retry_resume(&mut self, back: bool) {
+        self.reconciling = false;
+        self.fenced |= back;
+    }
 }
 
 #[cfg(test)]
@@ -139,5 +147,8 @@ mod tests {
         assert_eq!(f.in_touch_for(s(10.0)), Duration::ZERO);
         assert_eq!(f.step(false, s(10.5), grace), Step::Wait);
         assert_eq!(f.step(false, s(11.5), grace), Step::Reconcile { resumed: true, back: false });
+        // A catch-up that did not finish: resume again, fenced or not.
+        f.retry_resume(true);
+        assert_eq!(f.step(false, s(12.0), grace), Step::Reconcile { resumed: true, back: true });
     }
 }
