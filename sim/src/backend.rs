@@ -79,10 +79,20 @@ impl SimVm {
 }
 
 impl WorldState {
+    /// Node `node`'s VM `name`.
+    pub fn vm(&self, node: u64, name: &str) -> Option<&SimVm> {
+        self.backends.get(&node).and_then(|b| b.get(name))
+    }
+
+    /// Node `node`'s VM `name`, to change.
+    pub fn vm_mut(&mut self, node: u64, name: &str) -> Option<&mut SimVm> {
+        self.backends.get_mut(&node).and_then(|b| b.get_mut(name))
+    }
+
     /// Moves VM `name` of `node` to `state`, recording it and checking exclusivity: a VM
     /// becoming active while another node has it active is a violation.
     pub fn set_vm_state(&mut self, node: u64, name: &str, state: VmState, error: Option<String>) {
-        let Some(vm) = self.backends.get_mut(&node).and_then(|b| b.get_mut(name)) else { return };
+        let Some(vm) = self.vm_mut(node, name) else { return };
         let was = vm.state;
         vm.state = state;
         vm.epoch += 1;
@@ -135,13 +145,7 @@ impl std::fmt::Debug for SimBackend {
 
 impl SimBackend {
     fn get(&self, name: &str) -> Result<SimVm, VmError> {
-        self.world
-            .lock()
-            .backends
-            .get(&self.node)
-            .and_then(|b| b.get(name))
-            .cloned()
-            .ok_or_else(|| VmError::NotFound { name: name.into() })
+        self.world.lock().vm(self.node, name).cloned().ok_or_else(|| VmError::NotFound { name: name.into() })
     }
 
     fn draw_ms(&self, range: impl Fn(&VmFaults) -> (u64, u64)) -> u64 {
@@ -155,7 +159,7 @@ impl SimBackend {
         let epoch = self.get(name)?.epoch;
         tokio::time::sleep(Duration::from_millis(ms)).await;
         let mut w = self.world.lock();
-        let now = w.backends.get(&self.node).and_then(|b| b.get(name)).map(|v| (v.epoch, v.state));
+        let now = w.vm(self.node, name).map(|v| (v.epoch, v.state));
         match now {
             Some((e, _)) if e == epoch => {
                 w.set_vm_state(self.node, name, to, error);
@@ -165,11 +169,18 @@ impl SimBackend {
             }
             None => return Err(VmError::NotFound { name: name.into() }),
         }
-        w.backends
-            .get(&self.node)
-            .and_then(|b| b.get(name))
-            .map(SimVm::status)
-            .ok_or_else(|| VmError::NotFound { name: name.into() })
+        w.vm(self.node, name).map(SimVm::status).ok_or_else(|| VmError::NotFound { name: name.into() })
+    }
+
+    /// Pause or resume: `from` → `to` at once; already `to` is done; any other state is
+    /// refused.
+    async fn switch(&self, name: &str, op: &'static str, from: VmState, to: VmState) -> Result<VmStatus, VmError> {
+        let vm = self.get(name)?;
+        match vm.state {
+            s if s == to => Ok(vm.status()),
+            s if s == from => self.transition(name, 1, to, None).await,
+            s => Err(Self::invalid(name, op, s)),
+        }
     }
 
     fn invalid(name: &str, op: &'static str, state: VmState) -> VmError {
@@ -250,7 +261,7 @@ impl VmBackend for SimBackend {
             let ms = if opts.force { 1 } else { self.draw_ms(|f| f.stop_ms) };
             self.world.lock().set_vm_state(self.node, name, VmState::Stopping, None);
             let s = self.transition(name, ms, VmState::Stopped, None).await;
-            if let Some(v) = self.world.lock().backends.get_mut(&self.node).and_then(|b| b.get_mut(name)) {
+            if let Some(v) = self.world.lock().vm_mut(self.node, name) {
                 v.last_stop = Some(if opts.force { StopKind::Forced } else { StopKind::Graceful });
             }
             s
@@ -258,25 +269,11 @@ impl VmBackend for SimBackend {
     }
 
     fn pause<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<VmStatus, VmError>> {
-        Box::pin(async move {
-            let vm = self.get(name)?;
-            match vm.state {
-                VmState::Paused => Ok(vm.status()),
-                VmState::Running => self.transition(name, 1, VmState::Paused, None).await,
-                s => Err(Self::invalid(name, "pause", s)),
-            }
-        })
+        Box::pin(self.switch(name, "pause", VmState::Running, VmState::Paused))
     }
 
     fn resume<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<VmStatus, VmError>> {
-        Box::pin(async move {
-            let vm = self.get(name)?;
-            match vm.state {
-                VmState::Running => Ok(vm.status()),
-                VmState::Paused => self.transition(name, 1, VmState::Running, None).await,
-                s => Err(Self::invalid(name, "resume", s)),
-            }
-        })
+        Box::pin(self.switch(name, "resume", VmState::Paused, VmState::Running))
     }
 
     fn reboot<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<VmStatus, VmError>> {
@@ -286,7 +283,7 @@ impl VmBackend for SimBackend {
                 return Err(Self::invalid(name, "reboot", vm.state));
             }
             let ms = self.draw_ms(|f| f.start_ms);
-            if let Some(v) = self.world.lock().backends.get_mut(&self.node).and_then(|b| b.get_mut(name)) {
+            if let Some(v) = self.world.lock().vm_mut(self.node, name) {
                 v.boots += 1;
             }
             self.transition(name, ms, VmState::Running, None).await

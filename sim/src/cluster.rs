@@ -227,6 +227,12 @@ pub fn node_key(id: u64) -> NodeId {
     NodeId([id as u8 + 1; 32])
 }
 
+/// The node a key of [`node_key`] stands for.
+pub fn node_of(key: &NodeId) -> Option<u64> {
+    let b = key.0[0];
+    (key.0.iter().all(|x| *x == b) && b >= 1).then(|| u64::from(b) - 1)
+}
+
 fn client_key(c: u64) -> NodeId {
     NodeId([0xC0 + c as u8; 32])
 }
@@ -1034,7 +1040,7 @@ fn vms_as_desired(
         let Some(node) = v.node else {
             return Err(format!("VM {name} not placed ({})", v.error.as_deref().unwrap_or("no error")));
         };
-        let Some(n) = (0..backends.len() as u64 + 64).find(|i| node_key(*i) == node) else {
+        let Some(n) = node_of(&node) else {
             return Err(format!("VM {name} placed on an unknown node"));
         };
         if v.state != VmState::Running {

@@ -25,7 +25,7 @@ use blixard_vmm::{Boot, Bundle, StopOptions, VmBackend, VmState};
 use tokio::sync::mpsc;
 
 use crate::backend::SimBackend;
-use crate::cluster::node_key;
+use crate::cluster::{node_key, node_of};
 use crate::network::Fate;
 use crate::runtime;
 use crate::world::World;
@@ -51,12 +51,6 @@ fn sim_now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// Node `id`'s key, and back.
-fn node_of(key: &NodeId) -> Option<u64> {
-    let b = key.0[0];
-    (key.0.iter().all(|x| *x == b) && b >= 1).then(|| u64::from(b) - 1)
-}
-
 /// Starts node `id`'s gossip, placer and executor (on the node, so a crash ends them).
 pub fn start(world: &Arc<World>, id: u64, shared: SharedState<SimConfig>, o: Orchestration) {
     world.lock().detectors.insert(id, Default::default());
@@ -74,10 +68,8 @@ async fn gossip(world: Arc<World>, id: u64) {
         let report = {
             let w = world.lock();
             seq = w.node_clock_ms(id).max(seq + 1);
-            let me = node_key(id);
             let voters = voters(&w, id);
-            let hears =
-                w.detectors.get(&id).map(|d| d.hears(voters.iter().filter(|v| **v != me), sim_now())).unwrap_or_default();
+            let hears = w.detectors.get(&id).map(|d| d.hears(&node_key(id), &voters, sim_now())).unwrap_or_default();
             NodeHealth { seq, incarnation, hears, ..Default::default() }
         };
         broadcast(&world, id, id, &report);

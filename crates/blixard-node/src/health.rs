@@ -41,8 +41,8 @@ fn own_report(ctx: &NodeCtx, seq: u64, incarnation: u64) -> NodeHealth {
         .filter(|(_, v)| v.node == Some(ctx.id) && v.state == VmState::Running)
         .map(|(n, _)| n.clone())
         .collect();
-    let voters: Vec<NodeId> = ctx.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
-    let hears = ctx.liveness.lock().unwrap_or_else(|p| p.into_inner()).hears(voters.iter().filter(|v| **v != ctx.id), std::time::Instant::now());
+    let voters = ctx.voters();
+    let hears = ctx.liveness.lock().unwrap_or_else(|p| p.into_inner()).hears(&ctx.id, &voters, std::time::Instant::now());
     NodeHealth {
         seq,
         incarnation,

@@ -103,12 +103,12 @@ impl NodeCtx {
         *id == self.id || d.liveness(id, std::time::Instant::now()) == crate::liveness::Liveness::Alive
     }
 
-    /// Resolves when this node's Raft has stopped on a fatal error, with the error.
+    /// Resolves when this node's Raft has stopped on a fatal error, with the error (the
+    /// caller reports it).
     pub async fn raft_stopped(&self) -> String {
         let mut m = self.raft.metrics();
         loop {
             if let Err(fatal) = &m.borrow_and_update().running_state {
-                tracing::error!(error = %fatal, "raft stopped");
                 return fatal.to_string();
             }
             if m.changed().await.is_err() {
@@ -117,10 +117,15 @@ impl NodeCtx {
         }
     }
 
+    /// The voters of the Raft membership this node knows.
+    pub fn voters(&self) -> Vec<NodeId> {
+        self.raft.metrics().borrow().membership_config.membership().voter_ids().collect()
+    }
+
     /// Whether the voters this node is not in touch with (per gossip, both ways) could form
     /// a majority without it, i.e. could be placing its VMs elsewhere.
     pub fn cut_off(&self) -> bool {
-        let voters: Vec<NodeId> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let voters = self.voters();
         let det = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
         blixard_reconcile::fence::others_could_act(&voters, |id| det.in_touch(&self.id, id, now))

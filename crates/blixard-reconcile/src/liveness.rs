@@ -112,9 +112,10 @@ impl Detector {
         v == me || (self.liveness(v, now) == Liveness::Alive && self.report(v).is_some_and(|r| r.hears.contains(me)))
     }
 
-    /// Which of `voters` are alive to this node (for its own report's `hears`).
-    pub fn hears<'a>(&self, voters: impl IntoIterator<Item = &'a NodeId>, now: Instant) -> Vec<NodeId> {
-        voters.into_iter().filter(|v| self.liveness(v, now) == Liveness::Alive).copied().collect()
+    /// Which of `voters`, other than `me`, are alive to this node `me` (for its own
+    /// report's `hears`).
+    pub fn hears(&self, me: &NodeId, voters: &[NodeId], now: Instant) -> Vec<NodeId> {
+        voters.iter().filter(|v| *v != me && self.liveness(v, now) == Liveness::Alive).copied().collect()
     }
 
     /// Whether `id`'s VMs must move elsewhere: dead, and silent for `grace` past that, as
@@ -167,7 +168,7 @@ mod tests {
         assert!(d.observe(a, NodeHealth { seq: 7, hears: vec![me], ..Default::default() }, late));
         assert!(d.in_touch(&me, &a, late));
         assert!(!d.in_touch(&me, &a, late + DEAD_AFTER), "silent since");
-        assert_eq!(d.hears([&a, &me], late), vec![a]);
+        assert_eq!(d.hears(&me, &[a, me], late), vec![a]);
         d.forget(&a);
         assert_eq!(d.liveness(&a, late), Liveness::Unknown);
     }
