@@ -337,12 +337,18 @@ impl Sim {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, (reader, shared.clone()));
         let metrics = raft.metrics();
+        let elections = blixard_raft::elections::break_split_votes(
+            raft.clone(),
+            self.config.election_timeout_min,
+            self.config.election_timeout_max,
+        );
         {
             let mut w = self.world.lock();
             w.rafts.insert(id, raft);
             w.event(format_args!("n{id} up"));
         }
         runtime::spawn_on(id, watch_metrics(id, metrics, self.world.clone()));
+        runtime::spawn_on(id, elections);
         if let Some(o) = self.orchestration {
             orchestrate::start(&self.world, id, shared, o);
         }

@@ -385,6 +385,12 @@ impl Node {
 
         let mut tasks = vec![
             tokio::spawn(crate::metrics::watch_leader(ctx.clone(), ctx.metrics.clone())).abort_handle(),
+            tokio::spawn(blixard_raft::elections::break_split_votes(
+                ctx.raft.clone(),
+                cfg.raft.election_timeout_min,
+                cfg.raft.election_timeout_max,
+            ))
+            .abort_handle(),
             tokio::spawn(crate::health::run(ctx.clone(), key, gossip, lookup, ctx.liveness.clone())).abort_handle(),
             tokio::spawn(crate::placer::run(ctx.clone())).abort_handle(),
             tokio::spawn(crate::executor::Executor::new(ctx.clone(), images, backends).run()).abort_handle(),
