@@ -77,7 +77,8 @@ fn node_id(i: usize) -> NodeId {
 
 fn apply(state: &mut ClusterState, by: NodeId, cmd: Command, at_ms: u64) -> Result<(), C1mError> {
     let what = cmd.kind().to_string();
-    match state.apply(&Request { at_ms, by, cmd }) {
+    // No request is sent twice here: no ids to remember.
+    match state.apply(&Request { at_ms, by, cmd, id: 0 }) {
         CommandResult::Ok => Ok(()),
         CommandResult::Refused(r) => Err(C1mError::Refused {
             what,
@@ -196,6 +197,7 @@ pub fn run_c1m(o: &C1mOptions) -> Result<C1mReport, C1mError> {
                     at_ms: 4,
                     by: leader,
                     cmd: Command::PlaceVm { name, node },
+                    id: 0,
                 }) {
                     CommandResult::Ok => placed += 1,
                     // The state machine checks capacity again; the planner charged its views,

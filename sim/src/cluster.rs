@@ -570,10 +570,14 @@ async fn write(
     let Some(raft) = sim.raft(target) else {
         return WriteOutcome::Redirect(None);
     };
-    let req = Request {
-        at_ms: sim.world.lock().node_clock_ms(target),
-        by,
-        cmd,
+    let req = {
+        let mut w = sim.world.lock();
+        Request {
+            at_ms: w.node_clock_ms(target),
+            by,
+            cmd,
+            id: w.request_id(),
+        }
     };
     match tokio::time::timeout(Duration::from_secs(5), raft.client_write(req.clone())).await {
         Ok(Ok(resp)) => match resp.data {

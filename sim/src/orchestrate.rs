@@ -136,7 +136,10 @@ async fn propose(world: &Arc<World>, id: u64, cmd: Command) -> Option<CommandRes
         }
         w.rafts.get(&leader)?.clone()
     };
-    let req = Request { at_ms: world.lock().node_clock_ms(id), by: node_key(id), cmd };
+    let req = {
+        let mut w = world.lock();
+        Request { at_ms: w.node_clock_ms(id), by: node_key(id), cmd, id: w.request_id() }
+    };
     match tokio::time::timeout(Duration::from_secs(5), raft.client_write(req)).await {
         Ok(Ok(resp)) => Some(resp.data),
         _ => None,

@@ -151,6 +151,8 @@ pub struct WorldState {
     pub disks: BTreeMap<u64, crate::disk::SimDisk>,
     /// Each running node's failure detector, fed by gossip (lost in a crash).
     pub detectors: BTreeMap<u64, Detector>,
+    /// The last request id handed out (ids are a counter here, random in the node).
+    last_request_id: u128,
     start: Instant,
 }
 
@@ -178,8 +180,15 @@ impl WorldState {
             detectors: BTreeMap::new(),
             snapshot_floor: BTreeMap::new(),
             disks: BTreeMap::new(),
+            last_request_id: 0,
             start: Instant::now(),
         }
+    }
+
+    /// A fresh request id (never 0, which means "not deduplicated").
+    pub fn request_id(&mut self) -> u128 {
+        self.last_request_id += 1;
+        self.last_request_id
     }
 
     /// Simulated milliseconds since the run started.

@@ -166,6 +166,7 @@ fn cluster_state() -> Vec<u8> {
         at_ms: 1,
         by: n,
         cmd,
+        id: 0,
     };
     s.apply(&at(Command::Bootstrap {
         cluster_id: ClusterId([1; 16]),
@@ -244,8 +245,8 @@ pub fn all(scratch: &Path) -> Vec<Target> {
         Target {
             name: "raft-entry",
             seeds: vec![
-                enc(&Request { at_ms: 5, by: NodeId([1; 32]), cmd: Command::CreateVm { spec: spec(), start: true } }),
-                enc(&Request { at_ms: 5, by: NodeId([1; 32]), cmd: Command::AdmitNode { node: NodeId([2; 32]), info: NodeInfo::default(), secret_hash: [3; 32], role: Role::Voter } }),
+                enc(&Request { at_ms: 5, by: NodeId([1; 32]), cmd: Command::CreateVm { spec: spec(), start: true }, id: 7 }),
+                enc(&Request { at_ms: 5, by: NodeId([1; 32]), cmd: Command::AdmitNode { node: NodeId([2; 32]), info: NodeInfo::default(), secret_hash: [3; 32], role: Role::Voter }, id: 0 }),
             ],
             run: Box::new(|b| {
                 postcard::from_bytes::<Request>(b).is_ok()

@@ -124,7 +124,11 @@ pub(crate) async fn gc_everywhere(ctx: &NodeCtx) -> Vec<GcReport> {
         if id == ctx.id {
             return gc_here(ctx).await;
         }
-        let req = ClientRequest::Forwarded { origin: ctx.id, request: Box::new(ClientRequest::ImageGc { node: Some(id.to_string()) }) };
+        let req = ClientRequest::Forwarded {
+            origin: ctx.id,
+            request: Box::new(ClientRequest::ImageGc { node: Some(id.to_string()) }),
+            id: crate::node::new_forward_id(),
+        };
         let failed = |e: String| GcReport { node: id, images_removed: 0, blobs_before: 0, blobs_after: 0, error: Some(e) };
         match ctx.forward(id, req).await {
             Ok(ClientResponse::Gc(mut v)) if v.len() == 1 => v.remove(0),

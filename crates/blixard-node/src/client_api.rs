@@ -90,30 +90,49 @@ async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<Cli
                 Err(e) => Err(ApiError::Internal(e.to_string())),
             };
         }
-        ClientRequest::Forwarded { origin, request } if is_member => (origin, *request),
+        ClientRequest::Forwarded { origin, request, id } if is_member => {
+            return crate::node::with_request_id(id, dispatch(ctx, origin, *request)).await;
+        }
         ClientRequest::Propose(_) | ClientRequest::Forwarded { .. } => {
             return Err(ApiError::Refused("only members may forward requests".into()))
         }
         other => (caller, other),
     };
+    dispatch(ctx, caller, req).await
+}
+
+/// Answers `req` from `caller` here, or forwards it to the node that answers it.
+async fn dispatch(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<ClientResponse, ApiError> {
     if matches!(req, ClientRequest::Propose(_) | ClientRequest::Forwarded { .. }) {
         return Err(ApiError::Invalid("nested forwarding".into()));
     }
     // Requests one particular node answers (not the leader).
     if let Some(target) = answered_by(ctx, &req)? {
         if target != ctx.id {
-            return ctx.forward(target, ClientRequest::Forwarded { origin: caller, request: Box::new(req) }).await;
+            let id = crate::node::forward_id();
+            return ctx.forward(target, ClientRequest::Forwarded { origin: caller, request: Box::new(req), id }).await;
         }
         return crate::api_local::handle(ctx, caller, req).await;
     }
     // Forward to the leader; if it does not answer, leadership may be moving: look again.
+    // Every attempt carries the same id, so a request that got through before its answer
+    // was lost is not carried out twice.
+    let id = crate::node::forward_id();
     let mut attempts = 0;
     loop {
-        let leader = ctx.leader().await?;
+        let leader = match ctx.leader().await {
+            Ok(l) => l,
+            // "No leader" tells the client nothing was done; after an attempt that may have
+            // got through, that is not known.
+            Err(_) if attempts > 0 => {
+                return Err(ApiError::Internal("the leader changed while the request was forwarded: it may or may not have been carried out".into()))
+            }
+            Err(e) => return Err(e),
+        };
         if leader == ctx.id {
             break;
         }
-        let fwd = ClientRequest::Forwarded { origin: caller, request: Box::new(req.clone()) };
+        let fwd = ClientRequest::Forwarded { origin: caller, request: Box::new(req.clone()), id };
         match ctx.forward(leader, fwd).await {
             Err(e) if attempts < 5 => {
                 attempts += 1;

@@ -173,15 +173,23 @@ impl NodeCtx {
 
     /// Proposes `cmd` on behalf of `by`, on the leader (forwarding if this node is not it).
     pub async fn propose(&self, by: NodeId, cmd: Command) -> Result<CommandResult, ApiError> {
-        let req = Request { at_ms: now_ms(), by, cmd };
+        // One id for every attempt below: a retried proposal is applied once.
+        let req = Request { at_ms: now_ms(), by, cmd, id: next_request_id() };
         self.propose_request(req).await
     }
 
     pub async fn propose_request(&self, req: Request) -> Result<CommandResult, ApiError> {
-        // Leadership can move while we forward: try a few times.
+        // Leadership can move while we forward: try a few times. Sending `req` again is
+        // safe (the state machine applies its id once), but "no leader" tells the client the
+        // write was not carried out, so it is said only if no attempt may have been.
         let mut last = ApiError::NoLeader;
+        let mut maybe_applied = false;
         for _ in 0..3 {
-            let leader = self.leader().await?;
+            let leader = match self.leader().await {
+                Ok(l) => l,
+                Err(e) if !maybe_applied => return Err(e),
+                Err(_) => break,
+            };
             if leader == self.id {
                 match self.write_here(req.clone()).await {
                     Ok(data) => return Ok(data),
@@ -198,9 +206,15 @@ impl NodeCtx {
                 Ok(ClientResponse::Error(e)) => return Err(e),
                 Ok(ClientResponse::Ok) => return Ok(CommandResult::Ok),
                 Ok(other) => return Err(ApiError::Internal(format!("unexpected answer {other:?}"))),
-                Err(e) => last = e,
+                Err(e) => {
+                    last = e;
+                    maybe_applied = true;
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if maybe_applied && matches!(last, ApiError::NoLeader) {
+            return Err(ApiError::Internal("the leader changed while the write was sent: it may or may not be applied".into()));
         }
         Err(last)
     }
@@ -255,6 +269,42 @@ impl NodeCtx {
             .await
             .map_err(|e| ApiError::Internal(format!("forwarding to leader {}: {e}", to.short())))
     }
+}
+
+tokio::task_local! {
+    /// While a forwarded client request is handled: its id, and how many proposals it made
+    /// so far. The k-th proposal gets id + k, so the same request forwarded again proposes
+    /// the same ids and nothing is applied twice.
+    static FORWARDED_ID: std::cell::Cell<(u128, u128)>;
+}
+
+/// Handles a forwarded client request under its id (see [`FORWARDED_ID`]).
+pub(crate) async fn with_request_id<F: std::future::Future>(id: u128, f: F) -> F::Output {
+    FORWARDED_ID.scope(std::cell::Cell::new((id, 0)), f).await
+}
+
+/// The id of the next proposal: derived from the forwarded request being handled, else
+/// random. Never 0 (which is "not deduplicated").
+fn next_request_id() -> u128 {
+    FORWARDED_ID
+        .try_with(|c| {
+            let (base, k) = c.get();
+            c.set((base, k + 1));
+            base.wrapping_add(k)
+        })
+        .unwrap_or_else(|_| rand::random::<u128>())
+        .max(1)
+}
+
+/// A fresh id for forwarding one client request.
+pub(crate) fn new_forward_id() -> u128 {
+    rand::random::<u128>().max(1)
+}
+
+/// The id to forward the client request being handled with: its own if it was forwarded
+/// here (a leader that lost its place passes it on), else a fresh one.
+pub(crate) fn forward_id() -> u128 {
+    FORWARDED_ID.try_with(|c| c.get().0).unwrap_or_else(|_| new_forward_id())
 }
 
 /// A running node.

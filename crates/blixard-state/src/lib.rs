@@ -95,6 +95,58 @@ pub struct ClusterState {
     pub images: BTreeMap<String, ImageRecord>,
     /// Image names → full hash.
     pub image_names: BTreeMap<String, String>,
+    /// Ids of the requests applied last, so that one sent again is not applied twice.
+    pub applied_requests: RecentIds,
+}
+
+/// How many request ids the state remembers. A proposal is sent again within seconds (a
+/// forward that timed out); this many writes take longer than that even at full speed.
+pub const REMEMBERED_REQUESTS: usize = 16_384;
+
+/// The ids of the last [`REMEMBERED_REQUESTS`] applied requests, oldest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "std::collections::VecDeque<u128>", into = "std::collections::VecDeque<u128>")]
+pub struct RecentIds {
+    order: std::collections::VecDeque<u128>,
+    index: BTreeSet<u128>,
+}
+
+impl RecentIds {
+    pub fn contains(&self, id: u128) -> bool {
+        self.index.contains(&id)
+    }
+
+    fn insert(&mut self, id: u128) {
+        if self.index.insert(id) {
+            self.order.push_back(id);
+            if self.order.len() > REMEMBERED_REQUESTS {
+                if let Some(old) = self.order.pop_front() {
+                    self.index.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+impl From<std::collections::VecDeque<u128>> for RecentIds {
+    fn from(order: std::collections::VecDeque<u128>) -> Self {
+        let index = order.iter().copied().collect();
+        Self { order, index }
+    }
+}
+
+impl From<RecentIds> for std::collections::VecDeque<u128> {
+    fn from(r: RecentIds) -> Self {
+        r.order
+    }
 }
 
 /// An image in the catalogue. Its bytes live in the nodes' image stores.
@@ -375,9 +427,21 @@ impl ClusterState {
     }
 
     /// Applies one request. Deterministic; a refusal changes nothing.
+    ///
+    /// A request whose id was applied already is not applied again: its first application
+    /// succeeded, and so does this one, without effect. A refused request changes nothing,
+    /// its id included.
     pub fn apply(&mut self, req: &Request) -> CommandResult {
+        if req.id != 0 && self.applied_requests.contains(req.id) {
+            return CommandResult::Ok;
+        }
         match self.try_apply(req) {
-            Ok(()) => CommandResult::Ok,
+            Ok(()) => {
+                if req.id != 0 {
+                    self.applied_requests.insert(req.id);
+                }
+                CommandResult::Ok
+            }
             Err(r) => CommandResult::Refused(r),
         }
     }

@@ -6,7 +6,7 @@ fn id(n: u8) -> NodeId {
 }
 
 fn req(at_ms: u64, by: NodeId, cmd: Command) -> Request {
-    Request { at_ms, by, cmd }
+    Request { at_ms, by, cmd, id: 0 }
 }
 
 fn bootstrapped() -> ClusterState {
@@ -481,4 +481,41 @@ mod vms {
             "{plan:?}"
         );
     }
+}
+
+#[test]
+fn a_request_sent_twice_is_applied_once() {
+    let mut s = bootstrapped();
+    let n = id(1);
+    let label = |v: &str| Command::SetLabels { node: n, set: BTreeMap::from([("k".to_string(), v.to_string())]), remove: vec![] };
+    let first = Request { id: 42, ..req(1, n, label("a")) };
+    assert_eq!(s.apply(&first), CommandResult::Ok);
+    assert_eq!(s.apply(&req(2, n, label("b"))), CommandResult::Ok);
+    // The first write again (a forward that timed out, retried): it succeeded before, so it
+    // succeeds again, and changes nothing.
+    assert_eq!(s.apply(&first), CommandResult::Ok);
+    assert_eq!(s.nodes[&n].labels["k"], "b");
+    // Without an id, a request is applied every time.
+    assert_eq!(s.apply(&req(3, n, label("a"))), CommandResult::Ok);
+    assert_eq!(s.nodes[&n].labels["k"], "a");
+    // A refused request leaves no trace: not even its id.
+    let before = s.clone();
+    let refused = Request { id: 43, ..req(4, n, Command::SetLabels { node: id(9), set: BTreeMap::new(), remove: vec![] }) };
+    assert!(matches!(s.apply(&refused), CommandResult::Refused(_)));
+    assert_eq!(s, before);
+}
+
+#[test]
+fn remembered_request_ids_are_bounded_and_survive_encoding() {
+    let mut s = bootstrapped();
+    let n = id(1);
+    for i in 1..=(crate::REMEMBERED_REQUESTS as u128 + 10) {
+        let cmd = Command::SetLabels { node: n, set: BTreeMap::from([("k".to_string(), i.to_string())]), remove: vec![] };
+        assert_eq!(s.apply(&Request { id: i, ..req(1, n, cmd) }), CommandResult::Ok);
+    }
+    assert_eq!(s.applied_requests.len(), crate::REMEMBERED_REQUESTS);
+    assert!(!s.applied_requests.contains(1), "the oldest ids are forgotten");
+    assert!(s.applied_requests.contains(crate::REMEMBERED_REQUESTS as u128 + 10));
+    let back: ClusterState = postcard::from_bytes(&postcard::to_allocvec(&s).expect("encode")).expect("decode");
+    assert_eq!(back, s);
 }

@@ -22,7 +22,12 @@ pub struct Request {
     /// The authenticated key on whose behalf the command is proposed.
     pub by: NodeId,
     pub cmd: Command,
+    /// Random, one per operation, kept when a proposal is sent again (a forward that timed
+    /// out may have committed): the state machine applies each id once. 0: never
+    /// deduplicated.
+    pub id: u128,
 }
+
 
 /// A node's declared capacity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

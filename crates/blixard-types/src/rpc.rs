@@ -81,8 +81,9 @@ pub enum ClientRequest {
     /// Accepted only from members.
     Propose(Request),
     /// A member forwarding a client request to the leader; answered as if `origin` had
-    /// sent it. Accepted only from members.
-    Forwarded { origin: NodeId, request: Box<ClientRequest> },
+    /// sent it. Accepted only from members. `id` is the same for every attempt to forward
+    /// one request: the writes it leads to are applied once (see `Request::id`).
+    Forwarded { origin: NodeId, request: Box<ClientRequest>, id: u128 },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

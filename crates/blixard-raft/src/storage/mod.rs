@@ -71,8 +71,9 @@ impl<C> StorageConfig for C where
 
 /// Version of the table layout and value encodings, stored under `raft_meta/schema_version`.
 /// 2: standard Raft leader ids (openraft's `single-term-leader`): a log id carries its term
-/// only, a vote is `(term, voted_for)`. Version 1 stores cannot be read.
-pub const SCHEMA_VERSION: u32 = 2;
+/// only, a vote is `(term, voted_for)`. 3: every request carries an id and the state
+/// remembers the last ones applied. Older stores cannot be read.
+pub const SCHEMA_VERSION: u32 = 3;
 
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");

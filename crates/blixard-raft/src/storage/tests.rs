@@ -68,6 +68,7 @@ fn bootstrap() -> Request {
         at_ms: 1,
         by: key(1),
         cmd: Command::Bootstrap { cluster_id: ClusterId([7; 16]), node: key(1), info: NodeInfo::default() },
+        id: 0,
     }
 }
 
@@ -76,6 +77,7 @@ fn ticket(i: u8) -> Request {
         at_ms: 2,
         by: key(1),
         cmd: Command::CreateTicket { secret_hash: [i; 32], role: Role::Voter, expires_at_ms: 10_000 },
+        id: 0,
     }
 }
 
