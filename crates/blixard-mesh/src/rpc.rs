@@ -187,7 +187,8 @@ where
 pub struct Pool {
     endpoint: Endpoint,
     alpn: &'static [u8],
-    conns: Arc<Mutex<HashMap<NodeId, Connection>>>,
+    /// Each peer's connection, and when it last answered (or was dialled).
+    conns: Arc<Mutex<HashMap<NodeId, (Connection, tokio::time::Instant)>>>,
     connect_timeout: Duration,
 }
 
@@ -211,20 +212,62 @@ impl Pool {
 
     fn cached(&self, peer: &NodeId) -> Option<Connection> {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.get(peer).filter(|c| c.close_reason().is_none()).cloned()
+        conns.get(peer).map(|(c, _)| c).filter(|c| c.close_reason().is_none()).cloned()
     }
 
     fn forget(&self, peer: &NodeId, conn: &Connection) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if conns.get(peer).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+        if conns.get(peer).is_some_and(|(c, _)| c.stable_id() == conn.stable_id()) {
             conns.remove(peer);
         }
+    }
+
+    /// Notes that `peer` answered on `conn`.
+    fn answered(&self, peer: &NodeId, conn: &Connection) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((c, at)) = conns.get_mut(peer) {
+            if c.stable_id() == conn.stable_id() {
+                *at = tokio::time::Instant::now();
+            }
+        }
+    }
+
+    /// Whether the cached connection to `peer` has gone [`STALE_AFTER`] without an answer;
+    /// if so its clock restarts, so this says yes once per `STALE_AFTER`.
+    fn take_stale(&self, peer: &NodeId) -> bool {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        match conns.get_mut(peer) {
+            Some((_, at)) if at.elapsed() >= STALE_AFTER => {
+                *at = tokio::time::Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Dials `peer` afresh in the background and, if that works, replaces the cached
+    /// connection. Calls with short timeouts go on failing fast meanwhile: they could not
+    /// wait for a handshake anyway.
+    fn redial(&self, peer: &NodeId, addrs: &[SocketAddr]) {
+        let Some(addr) = crate::endpoint_addr(peer, addrs) else { return };
+        let (pool, peer) = (self.clone(), *peer);
+        tokio::spawn(async move {
+            counters::add(&counters::DIALS, 1);
+            let Ok(Ok(conn)) = tokio::time::timeout(pool.connect_timeout, pool.endpoint.connect(addr, pool.alpn)).await else {
+                counters::add(&counters::DIAL_FAILURES, 1);
+                return;
+            };
+            let mut conns = pool.conns.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((old, _)) = conns.insert(peer, (conn, tokio::time::Instant::now())) {
+                old.close(VarInt::from_u32(0), b"stale");
+            }
+        });
     }
 
     /// Drops the cached connection to `peer` (e.g. after it was removed).
     pub fn disconnect(&self, peer: &NodeId) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = conns.remove(peer) {
+        if let Some((c, _)) = conns.remove(peer) {
             c.close(VarInt::from_u32(0), b"bye");
         }
     }
@@ -247,9 +290,9 @@ impl Pool {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         // Another task may have dialled meanwhile: keep the first live one.
         let conn = match conns.get(peer) {
-            Some(existing) if existing.close_reason().is_none() => existing.clone(),
+            Some((existing, _)) if existing.close_reason().is_none() => existing.clone(),
             _ => {
-                conns.insert(*peer, conn.clone());
+                conns.insert(*peer, (conn.clone(), tokio::time::Instant::now()));
                 conn
             }
         };
@@ -330,7 +373,10 @@ impl Pool {
             for _ in 0..2 {
                 let conn = self.connect(peer, addrs).await?;
                 match call_on(&conn, req).await {
-                    Ok(r) => return Ok(r),
+                    Ok(r) => {
+                        self.answered(peer, &conn);
+                        return Ok(r);
+                    }
                     Err(e) => {
                         self.forget(peer, &conn);
                         let e = e.attribute(*peer);
@@ -348,10 +394,14 @@ impl Pool {
             Ok(r) => r,
             Err(_) => {
                 // Silence for this long means the connection is likely dead (e.g. the peer
-                // restarted on the same address): dial afresh next time. Short timeouts
-                // (Raft heartbeats) miss under load, which says nothing about the connection.
+                // was killed and restarted on the same address, and the old connection never
+                // learnt it): dial afresh next time. One short timeout (a Raft heartbeat)
+                // says nothing under load, but a second of them without any answer does:
+                // dial afresh beside it.
                 if timeout >= STALE_AFTER {
                     self.disconnect(peer);
+                } else if self.take_stale(peer) {
+                    self.redial(peer, addrs);
                 }
                 Err(RpcError::Timeout { peer: *peer, after: timeout })
             }
