@@ -119,8 +119,13 @@ pub fn run_schedule(bin: &Path, dir: &Path, opts: &ScheduleOptions) -> Result<Sc
         history: history.clone(),
         cli: CliHandle::of(&cluster, &ticket),
     };
-    if !final_client.read() {
-        return Err(Error::Timeout("a final read after healing".into()));
+    // The cluster is healthy, but a read can still meet a leader change: try for a while.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !final_client.read() {
+        if Instant::now() > deadline {
+            return Err(Error::Timeout("a final read after healing (30 s)".into()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 
     let mut history = std::mem::take(&mut *history.lock().unwrap_or_else(|p| p.into_inner()));
