@@ -129,21 +129,31 @@ pub async fn run(ctx: NodeCtx, key: SecretKey, gossip: Gossip, lookup: MemoryLoo
     .await
 }
 
+/// Why a received gossip message was dropped.
+#[derive(Debug, PartialEq, Eq)]
+enum Dropped {
+    Envelope(String),
+    /// Signed by a key that is not a member (whoever relayed it), or by this node.
+    NotFromAMember(NodeId),
+    Malformed(NodeId, String),
+}
+
+/// Checks one received message: the author's signature, the author's membership, the body.
+/// Who relayed it does not matter: the signature is the author's.
+fn verify_report(me: NodeId, is_member: impl Fn(&NodeId) -> bool, bytes: &[u8]) -> Result<(NodeId, GossipMessage), Dropped> {
+    let (from, body) = signed::verify(bytes).map_err(|e| Dropped::Envelope(e.to_string()))?;
+    if from == me || !is_member(&from) {
+        return Err(Dropped::NotFromAMember(from));
+    }
+    let msg = postcard::from_bytes::<GossipMessage>(&body).map_err(|e| Dropped::Malformed(from, e.to_string()))?;
+    Ok((from, msg))
+}
+
 /// Verifies and records one received report.
 fn accept(ctx: &NodeCtx, detector: &Mutex<Detector>, bytes: &[u8]) {
-    let (from, body) = match signed::verify(bytes) {
-        Ok(v) => v,
-        Err(e) => {
-            debug!(error = %e, "dropped gossip with a bad envelope");
-            return;
-        }
-    };
-    if from == ctx.id || !ctx.state.read().unwrap_or_else(|p| p.into_inner()).state.is_member(&from) {
-        debug!(from = %from.short(), "dropped gossip from a non-member");
-        return;
-    }
-    match postcard::from_bytes::<GossipMessage>(&body) {
-        Ok(GossipMessage::Health(h)) => {
+    let is_member = |k: &NodeId| ctx.state.read().unwrap_or_else(|p| p.into_inner()).state.is_member(k);
+    match verify_report(ctx.id, is_member, bytes) {
+        Ok((from, GossipMessage::Health(h))) => {
             let now = Instant::now();
             let mut d = detector.lock().unwrap_or_else(|p| p.into_inner());
             let was_dead = d.liveness(&from, now) == crate::liveness::Liveness::Dead;
@@ -155,6 +165,48 @@ fn accept(ctx: &NodeCtx, detector: &Mutex<Detector>, bytes: &[u8]) {
                 info!(node = %from.short(), "member is back");
             }
         }
-        Err(e) => debug!(from = %from.short(), error = %e, "dropped malformed gossip"),
+        Err(Dropped::Envelope(e)) => debug!(error = %e, "dropped gossip with a bad envelope"),
+        Err(Dropped::NotFromAMember(from)) => debug!(from = %from.short(), "dropped gossip from a non-member"),
+        Err(Dropped::Malformed(from, e)) => debug!(from = %from.short(), error = %e, "dropped malformed gossip"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> SecretKey {
+        SecretKey::from_bytes(&[b; 32])
+    }
+
+    fn report(k: &SecretKey) -> Vec<u8> {
+        let body = postcard::to_stdvec(&GossipMessage::Health(NodeHealth::default())).expect("encode");
+        signed::sign(k, body)
+    }
+
+    #[test]
+    fn only_reports_signed_by_another_member_are_taken() {
+        let (me, member, outsider) = (key(1), key(2), key(3));
+        let me_id = blixard_mesh::node_id(&me.public());
+        let member_id = blixard_mesh::node_id(&member.public());
+        let outsider_id = blixard_mesh::node_id(&outsider.public());
+        let is_member = |k: &NodeId| *k == me_id || *k == member_id;
+
+        let got = verify_report(me_id, is_member, &report(&member));
+        assert!(matches!(got, Ok((from, GossipMessage::Health(_))) if from == member_id), "{got:?}");
+        // A non-member's report arrives relayed by a member: the bytes are the author's, so
+        // it is dropped all the same.
+        let relayed = report(&outsider);
+        assert_eq!(verify_report(me_id, is_member, &relayed), Err(Dropped::NotFromAMember(outsider_id)));
+        // A report of this node itself, echoed back, is not news.
+        assert_eq!(verify_report(me_id, is_member, &report(&me)), Err(Dropped::NotFromAMember(me_id)));
+        // A member's report altered on the way: the signature no longer verifies.
+        let mut tampered = report(&member);
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(matches!(verify_report(me_id, is_member, &tampered), Err(Dropped::Envelope(_))));
+        // A member signing bytes that are not a gossip message.
+        let junk = signed::sign(&member, vec![0xff; 8]);
+        assert!(matches!(verify_report(me_id, is_member, &junk), Err(Dropped::Malformed(from, _)) if from == member_id));
     }
 }
