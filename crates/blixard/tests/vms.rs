@@ -228,6 +228,54 @@ fn vms_run_where_the_cluster_decides_and_survive_node_loss() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no image \"test-guest\""), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A node killed (`kill -9`) while it fetches and imports a VM's image, and again while the
+/// VM's guest is booting, comes back and brings the VM up, verified, with one hypervisor and
+/// no orphans.
+///
+/// Ignored: it fails in about 2 runs of 5. A restarted node can stay cut off from gossip
+/// (its reports reach no one), so it fences its VM and never starts it again
+/// (docs/fault-schedules.md, finding 3). Run with `--ignored`.
+#[test]
+#[ignore = "a restarted node can stay cut off from gossip (docs/fault-schedules.md, finding 3)"]
+fn a_node_crashing_during_image_fetch_and_vm_start_recovers() {
+    let Some(bundle) = guest() else { return };
+    let mut c = three_nodes();
+    let pushed = c.json(&["image", "push", bundle.to_str().expect("utf8"), "--name", "g"]).expect("push");
+    let receiver = pushed["nodes"][0].as_str().expect("receiver").to_string();
+    // The VM goes to a node without the image: it must fetch and import it first.
+    let host = c.nodes.iter().map(|n| n.id.clone()).find(|id| *id != receiver).expect("another node");
+    let hi = c.index_of(&host);
+    let host_dir = c.node_dir(hi);
+    c.cli_ok(&["node", "label", &host, "vmhost=yes"]);
+    c.cli_ok(&["vm", "create", "v", "--image", "g", "--constraint", "vmhost=yes", "--health", &format!("console:{READY}")]);
+    wait_for("v placed on its host", Duration::from_secs(15), || (vm(&c, "v")["node"] == host.as_str()).then_some(()));
+
+    // 1. Killed while fetching or importing (before any hypervisor exists).
+    assert!(hypervisors_of(&host_dir).is_empty(), "no hypervisor yet");
+    c.kill9(hi);
+    c.restart(hi);
+    // 2. Killed while the guest boots: its hypervisor dies with the node.
+    wait_for("v's hypervisor started", Duration::from_secs(120), || (!hypervisors_of(&host_dir).is_empty()).then_some(()));
+    c.kill9(hi);
+    wait_for("the hypervisor to die with its node", Duration::from_secs(5), || hypervisors_of(&host_dir).is_empty().then_some(()));
+    c.restart(hi);
+
+    let v = wait_for("v running and healthy after the crashes", Duration::from_secs(180), || {
+        let v = c.json(&["vm", "info", "v"]).ok()?;
+        (v["state"] == "running" && v["healthy"] == true).then_some(v)
+    });
+    assert_eq!(v["node"], host.as_str(), "back within the grace period: not moved");
+    assert_eq!(hypervisors_of(&host_dir).len(), 1, "one hypervisor");
+    for n in c.nodes.iter().filter(|n| n.id != host) {
+        assert!(hypervisors_of(&n.dir).is_empty(), "{} runs v too", n.id);
+    }
+    // The image on the host is complete and verified: it is listed as held there.
+    let info = c.json(&["image", "info", "g"]).expect("image info");
+    assert!(info["nodes"].as_array().expect("nodes").iter().any(|n| n == host.as_str()), "{info}");
+    c.cli_ok(&["vm", "delete", "v", "--wait", "--timeout", "60s"]);
+    assert!(hypervisors_of(&host_dir).is_empty());
+}
+
 /// `nix-build`s a microvm.nix-style runner of the test guest: kernel, initrd and disk as
 /// store paths, and a runner whose `bin/microvm-run` refers to them. Returns the `result`
 /// link and the closure's store paths. `None`: no Nix here (skip).
