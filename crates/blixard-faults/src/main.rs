@@ -41,6 +41,10 @@ enum Cmd {
         /// Plant a bug into each recorded history, to see the checker fail.
         #[arg(long, value_enum)]
         plant: Option<Plant>,
+        /// Pause nodes instead of killing them (a restarted node can stay cut off from
+        /// gossip: docs/fault-schedules.md, finding 3).
+        #[arg(long)]
+        no_kills: bool,
         /// The `blixard` binary (default: beside this one).
         #[arg(long)]
         blixard: Option<PathBuf>,
@@ -61,7 +65,7 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<ExitCode> {
-    let Cmd::Schedules { count, start_seed, nodes, clients, fault_secs, keys, plant, blixard, keep } = Cli::parse().cmd;
+    let Cmd::Schedules { count, start_seed, nodes, clients, fault_secs, keys, plant, no_kills, blixard, keep } = Cli::parse().cmd;
     if nodes < 3 {
         bail!("--nodes must be at least 3 (a majority must survive a fault)");
     }
@@ -77,9 +81,10 @@ fn run() -> anyhow::Result<ExitCode> {
     let mut totals = Totals::default();
     for seed in start_seed..start_seed + count {
         let dir = tempfile::Builder::new().prefix(&format!("blixard-faults-{seed}-")).tempdir().context("temp dir")?;
-        let opts = ScheduleOptions { seed, nodes, clients, faults_for: Duration::from_secs(fault_secs), keys, plant };
+        let opts = ScheduleOptions { seed, nodes, clients, faults_for: Duration::from_secs(fault_secs), keys, plant, kills: !no_kills };
         let replay = format!(
-            "blixard-faults schedules --count 1 --start-seed {seed} --nodes {nodes} --clients {clients} --fault-secs {fault_secs} --keys {keys}"
+            "blixard-faults schedules --count 1 --start-seed {seed} --nodes {nodes} --clients {clients} --fault-secs {fault_secs} --keys {keys}{}",
+            if no_kills { " --no-kills" } else { "" }
         );
         match run_schedule(&bin, dir.path(), &opts) {
             Ok(r) => {

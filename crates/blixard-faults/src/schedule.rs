@@ -28,11 +28,13 @@ pub struct ScheduleOptions {
     /// Label keys the clients write (on node 0's record).
     pub keys: usize,
     pub plant: Option<Plant>,
+    /// Whether the nemesis may `kill -9` nodes (else it pauses them instead).
+    pub kills: bool,
 }
 
 impl ScheduleOptions {
     pub fn new(seed: u64) -> Self {
-        Self { seed, nodes: 5, clients: 3, faults_for: Duration::from_secs(15), keys: 4, plant: None }
+        Self { seed, nodes: 5, clients: 3, faults_for: Duration::from_secs(15), keys: 4, plant: None, kills: true }
     }
 }
 
@@ -231,7 +233,7 @@ fn nemesis(c: &mut Cluster, opts: &ScheduleOptions, faults: &mut BTreeMap<&'stat
                     continue;
                 }
                 let back = now + Duration::from_millis(rng.random_range(500..4_000));
-                if rng.random_bool(0.5) {
+                if rng.random_bool(0.5) && opts.kills {
                     c.kill9(i);
                     *faults.entry("kill9").or_default() += 1;
                 } else {
