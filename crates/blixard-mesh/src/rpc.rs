@@ -249,19 +249,29 @@ impl Pool {
     /// connection. Calls with short timeouts go on failing fast meanwhile: they could not
     /// wait for a handshake anyway.
     fn redial(&self, peer: &NodeId, addrs: &[SocketAddr]) {
-        let Some(addr) = crate::endpoint_addr(peer, addrs) else { return };
-        let (pool, peer) = (self.clone(), *peer);
+        let (pool, peer, addrs) = (self.clone(), *peer, addrs.to_vec());
         tokio::spawn(async move {
-            counters::add(&counters::DIALS, 1);
-            let Ok(Ok(conn)) = tokio::time::timeout(pool.connect_timeout, pool.endpoint.connect(addr, pool.alpn)).await else {
-                counters::add(&counters::DIAL_FAILURES, 1);
-                return;
-            };
+            let Ok(conn) = pool.dial(&peer, &addrs).await else { return };
             let mut conns = pool.conns.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((old, _)) = conns.insert(peer, (conn, tokio::time::Instant::now())) {
                 old.close(VarInt::from_u32(0), b"stale");
             }
         });
+    }
+
+    /// Opens a new connection to `peer`, within the pool's connect timeout.
+    async fn dial(&self, peer: &NodeId, addrs: &[SocketAddr]) -> Result<Connection, RpcError> {
+        let addr = crate::endpoint_addr(peer, addrs).ok_or(RpcError::NoAddress(*peer))?;
+        if addrs.is_empty() {
+            return Err(RpcError::NoAddress(*peer));
+        }
+        counters::add(&counters::DIALS, 1);
+        tokio::time::timeout(self.connect_timeout, self.endpoint.connect(addr, self.alpn))
+            .await
+            .inspect_err(|_| counters::add(&counters::DIAL_FAILURES, 1))
+            .map_err(|_| RpcError::Connect { peer: *peer, reason: format!("no answer within {:?}", self.connect_timeout) })?
+            .inspect_err(|_| counters::add(&counters::DIAL_FAILURES, 1))
+            .map_err(|e| RpcError::Connect { peer: *peer, reason: e.to_string() })
     }
 
     /// Drops the cached connection to `peer` (e.g. after it was removed).
@@ -276,17 +286,7 @@ impl Pool {
         if let Some(c) = self.cached(peer) {
             return Ok(c);
         }
-        let addr = crate::endpoint_addr(peer, addrs).ok_or(RpcError::NoAddress(*peer))?;
-        if addrs.is_empty() {
-            return Err(RpcError::NoAddress(*peer));
-        }
-        counters::add(&counters::DIALS, 1);
-        let conn = tokio::time::timeout(self.connect_timeout, self.endpoint.connect(addr, self.alpn))
-            .await
-            .inspect_err(|_| counters::add(&counters::DIAL_FAILURES, 1))
-            .map_err(|_| RpcError::Connect { peer: *peer, reason: format!("no answer within {:?}", self.connect_timeout) })?
-            .inspect_err(|_| counters::add(&counters::DIAL_FAILURES, 1))
-            .map_err(|e| RpcError::Connect { peer: *peer, reason: e.to_string() })?;
+        let conn = self.dial(peer, addrs).await?;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         // Another task may have dialled meanwhile: keep the first live one.
         let conn = match conns.get(peer) {
