@@ -125,7 +125,7 @@ async fn dispatch(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<C
             // "No leader" tells the client nothing was done; after an attempt that may have
             // got through, that is not known.
             Err(_) if attempts > 0 => {
-                return Err(ApiError::Internal("the leader changed while the request was forwarded: it may or may not have been carried out".into()))
+                return Err(crate::node::outcome_unknown())
             }
             Err(e) => return Err(e),
         };

@@ -214,7 +214,7 @@ impl NodeCtx {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if maybe_applied && matches!(last, ApiError::NoLeader) {
-            return Err(ApiError::Internal("the leader changed while the write was sent: it may or may not be applied".into()));
+            return Err(outcome_unknown());
         }
         Err(last)
     }
@@ -269,6 +269,12 @@ impl NodeCtx {
             .await
             .map_err(|e| ApiError::Internal(format!("forwarding to leader {}: {e}", to.short())))
     }
+}
+
+/// What a client is told when an attempt may have got through before leadership moved:
+/// not "no leader", which it may safely retry.
+pub(crate) fn outcome_unknown() -> ApiError {
+    ApiError::Internal("the leader changed while the request was sent: it may or may not have been carried out".into())
 }
 
 tokio::task_local! {
