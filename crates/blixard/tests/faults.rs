@@ -102,3 +102,50 @@ fn gossip_sees_a_dead_node_within_three_seconds() {
     assert_eq!(m["healthy"], false);
     assert_eq!(m["state"], "dead");
 }
+
+/// Every other node's view of `id` (from `node status`), `None` if a node did not answer.
+fn seen_by_others(c: &Cluster, id: &str) -> Vec<Option<String>> {
+    c.nodes
+        .iter()
+        .filter(|n| n.id != id)
+        .map(|n| c.json(&["node", "status", &n.id]).ok().and_then(|v| v["peers"][id].as_str().map(str::to_string)))
+        .collect()
+}
+
+/// A node killed with -9 and restarted on the same address is heard again by every other
+/// node within seconds, every time (the restarted process is a new gossip peer behind a
+/// key and address the others still hold a connection for).
+#[test]
+fn a_restarted_node_is_heard_again_every_time() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = three_nodes();
+    let rounds: usize = std::env::var("BLIXARD_RESTART_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    let mut took = Vec::new();
+    for round in 0..rounds {
+        let i = 1 + round % 2;
+        let id = c.nodes[i].id.clone();
+        wait_for("every node alive before the kill", Duration::from_secs(15), || {
+            seen_by_others(&c, &id).iter().all(|s| s.as_deref() == Some("alive")).then_some(())
+        });
+        c.kill9(i);
+        // Short and long downtimes: before and after the others see it dead (2.5 s).
+        std::thread::sleep(Duration::from_millis([200, 3500, 800][round % 3]));
+        c.restart(i);
+        let restarted = Instant::now();
+        let mut last;
+        let heard = loop {
+            last = seen_by_others(&c, &id);
+            // Before 3 s "alive" may still be the killed process's last report.
+            if restarted.elapsed() > Duration::from_secs(3) && last.iter().all(|s| s.as_deref() == Some("alive")) {
+                break Some(restarted.elapsed());
+            }
+            if restarted.elapsed() > Duration::from_secs(10) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let heard = heard.unwrap_or_else(|| panic!("round {round}: node {i} restarted, not heard within 10 s: {last:?}"));
+        took.push(heard);
+    }
+    eprintln!("heard again after {took:?}");
+}

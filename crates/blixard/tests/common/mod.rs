@@ -43,7 +43,9 @@ impl Cluster {
     pub fn spawn(&mut self, dir: &Path, args: &[&str]) -> Result<String, String> {
         let mut cmd = Command::new(BIN);
         cmd.args(["node", "run", "--data-dir"]).arg(dir).args(["--metrics-listen", "127.0.0.1:0"]).args(args);
-        cmd.env("RUST_LOG", "info,openraft=warn,iroh_blobs=warn").stdin(Stdio::null()).stdout(Stdio::piped());
+        // BLIXARD_TEST_LOG overrides the nodes' log filter when a test is being investigated.
+        let filter = std::env::var("BLIXARD_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn,iroh_blobs=warn".into());
+        cmd.env("RUST_LOG", filter).stdin(Stdio::null()).stdout(Stdio::piped());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -188,6 +190,14 @@ impl Drop for Cluster {
             }
         }
         if std::thread::panicking() {
+            // BLIXARD_TEST_KEEP=DIR keeps the whole logs of a failed test for investigation.
+            if let Ok(keep) = std::env::var("BLIXARD_TEST_KEEP") {
+                for n in &self.nodes {
+                    let name = n.dir.file_name().and_then(|n| n.to_str()).unwrap_or("node");
+                    let _ = std::fs::create_dir_all(&keep);
+                    let _ = std::fs::write(Path::new(&keep).join(format!("{name}.log")), self.log_of(&n.dir));
+                }
+            }
             for n in &self.nodes {
                 eprintln!("==== log of {} ====\n{}", n.dir.display(), tail(&self.log_of(&n.dir), 60));
             }
