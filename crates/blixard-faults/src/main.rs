@@ -41,8 +41,7 @@ enum Cmd {
         /// Plant a bug into each recorded history, to see the checker fail.
         #[arg(long, value_enum)]
         plant: Option<Plant>,
-        /// Pause nodes instead of killing them (a restarted node can stay cut off from
-        /// gossip: docs/fault-schedules.md, finding 3).
+        /// Pause nodes instead of killing them.
         #[arg(long)]
         no_kills: bool,
         /// The `blixard` binary (default: beside this one).

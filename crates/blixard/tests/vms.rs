@@ -230,13 +230,9 @@ fn vms_run_where_the_cluster_decides_and_survive_node_loss() {
 
 /// A node killed (`kill -9`) while it fetches and imports a VM's image, and again while the
 /// VM's guest is booting, comes back and brings the VM up, verified, with one hypervisor and
-/// no orphans.
-///
-/// Ignored: it fails in about 2 runs of 5. A restarted node can stay cut off from gossip
-/// (its reports reach no one), so it fences its VM and never starts it again
-/// (docs/fault-schedules.md, finding 3). Run with `--ignored`.
+/// no orphans. (It failed in about 2 runs of 5 while a restarted node could stay cut off
+/// from gossip: docs/fault-schedules.md, finding 3.)
 #[test]
-#[ignore = "a restarted node can stay cut off from gossip (docs/fault-schedules.md, finding 3)"]
 fn a_node_crashing_during_image_fetch_and_vm_start_recovers() {
     let Some(bundle) = guest() else { return };
     let mut c = three_nodes();
