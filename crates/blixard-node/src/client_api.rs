@@ -119,28 +119,38 @@ async fn dispatch(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<C
     // was lost is not carried out twice.
     let id = crate::node::forward_id();
     let mut attempts = 0;
+    // Whether an attempt may have got through. "No leader" tells the client nothing was
+    // done (it asks again, as a new request), so once that is not known it is not said.
+    let mut maybe_done = false;
     loop {
         let leader = match ctx.leader().await {
             Ok(l) => l,
-            // "No leader" tells the client nothing was done; after an attempt that may have
-            // got through, that is not known.
-            Err(_) if attempts > 0 => {
-                return Err(crate::node::outcome_unknown())
-            }
+            Err(_) if maybe_done => return Err(crate::node::outcome_unknown()),
             Err(e) => return Err(e),
         };
         if leader == ctx.id {
             break;
         }
         let fwd = ClientRequest::Forwarded { origin: caller, request: Box::new(req.clone()), id };
-        match ctx.forward(leader, fwd).await {
-            Err(e) if attempts < 5 => {
-                attempts += 1;
+        let answer = ctx.forward(leader, fwd).await;
+        let again = match &answer {
+            Err(e) => {
                 tracing::debug!(error = %e, "forwarding failed; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                maybe_done = true;
+                true
             }
-            other => return other,
+            // The node we took for the leader was not; an earlier attempt may still commit.
+            Ok(ClientResponse::Error(ApiError::NoLeader)) => maybe_done,
+            Ok(_) => false,
+        };
+        if !again {
+            return answer;
         }
+        if attempts == 5 {
+            return Err(crate::node::outcome_unknown());
+        }
+        attempts += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     match req {
         ClientRequest::Status => Ok(ClientResponse::Status(status(ctx).await?)),

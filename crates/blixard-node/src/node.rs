@@ -193,8 +193,12 @@ impl NodeCtx {
             if leader == self.id {
                 match self.write_here(req.clone()).await {
                     Ok(data) => return Ok(data),
+                    // openraft says this both when it refused the entry (not leader any
+                    // more) and when it appended it and a new leader truncated it; a
+                    // truncated entry may still be committed by a later leader that holds it.
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                         last = ApiError::NoLeader;
+                        maybe_applied = true;
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
