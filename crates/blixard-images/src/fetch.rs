@@ -189,7 +189,11 @@ impl ImageStore {
             crate::store::release_space(&self.inner.dir).await;
             let _ = self.inner.store.tags().delete(tag_name(&hash)).await;
             drop(_op);
-            let _ = self.collect_blobs().await;
+            // Twice: a run that failed (the disk filled again under it) counts as finished
+            // all the same, and the next one deletes what it left.
+            for _ in 0..2 {
+                let _ = self.collect_blobs().await;
+            }
             let _ = crate::store::reserve_space(&self.inner.dir).await;
         }
         res
@@ -686,6 +690,10 @@ impl Swarm {
                             }
                             Outcome::Failed(why) => {
                                 if is_disk_full_msg(&why) {
+                                    // Stop the other requests before the caller frees space:
+                                    // one still writing would take what is freed for the
+                                    // store's database to record the deletions.
+                                    tasks.shutdown().await;
                                     return Err(FetchError::DiskFull { hash, dir: self.images.inner.dir.clone() });
                                 }
                                 prov.failures += 1;

@@ -368,7 +368,6 @@ async fn fetchers_starting_together_share_the_work() {
 /// directory, and the partial image is collected (the space comes back). Needs root for a
 /// small tmpfs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "under load the collection after a full disk can still fail to free the space (see docs/images.md); run with --ignored"]
 async fn a_full_disk_mid_fetch_fails_cleanly_and_frees_the_space() {
     let mnt = tempfile::tempdir().unwrap();
     let mounted = std::process::Command::new("mount")
