@@ -79,8 +79,29 @@ pub struct ProviderStats {
     pub bytes: u64,
     /// Parts completed from it.
     pub parts: u64,
+    /// Requests to it that failed (refused, broken off, or data that did not verify).
+    pub failures: u32,
+    /// Times it was asked for a part and sent none of it: it does not have the part yet, or
+    /// (a holder whose stored copy went bad) it would not send bytes that fail its own check.
+    pub lacked: u32,
     /// Why it was dropped, if it was.
     pub dropped: Option<String>,
+}
+
+impl std::fmt::Display for ProviderStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} parts, {} bytes", self.id.fmt_short(), self.parts, self.bytes)?;
+        if self.failures > 0 {
+            write!(f, ", {} failed requests", self.failures)?;
+        }
+        if self.lacked > 0 {
+            write!(f, ", lacked parts {} times", self.lacked)?;
+        }
+        if let Some(why) = &self.dropped {
+            write!(f, ", dropped ({why})")?;
+        }
+        Ok(())
+    }
 }
 
 /// What a fetch did.
@@ -296,6 +317,8 @@ impl ImageStore {
                     id: p.addr.id,
                     bytes: p.bytes,
                     parts: p.parts,
+                    failures: p.failures,
+                    lacked: p.lacked,
                     dropped: p.dropped.clone(),
                 })
                 .collect(),
@@ -306,6 +329,7 @@ impl ImageStore {
             bytes = stats.bytes_transferred,
             parts = stats.parts,
             ms = stats.elapsed.as_millis() as u64,
+            providers = %stats.providers.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
             "image fetched"
         );
         Ok(stats)
@@ -325,6 +349,7 @@ struct ProviderState {
     paused_until: Instant,
     pause: Duration,
     failures: u32,
+    lacked: u32,
     dropped: Option<String>,
     bytes: u64,
     parts: u64,
@@ -389,6 +414,7 @@ impl Swarm {
                 paused_until: Instant::now(),
                 pause: Duration::ZERO,
                 failures: 0,
+                lacked: 0,
                 dropped: None,
                 bytes: 0,
                 parts: 0,
@@ -676,6 +702,7 @@ impl Swarm {
                                 need.insert(i);
                             }
                             Outcome::Lacked => {
+                                prov.lacked += 1;
                                 debug!(provider = %prov.addr.id.fmt_short(), part = %h.fmt_short(), "provider lacks part");
                                 prov.partial_since.get_or_insert_with(Instant::now);
                                 prov.pause = (prov.pause * 2).clamp(opts.missing_retry, max_pause);
