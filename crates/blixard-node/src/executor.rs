@@ -432,8 +432,8 @@ impl Executor {
             let providers = crate::images::providers(&self.ctx, hash);
             let r = self.images.fetch(hash, providers).await;
             self.ctx.metrics.observe_fetch(&r);
-            let stats = r.map_err(|e| e.to_string())?;
-            info!(bytes = stats.bytes_transferred, parts = stats.parts, ms = stats.elapsed.as_millis() as u64, "image fetched");
+            // The store logs what the fetch did, provider by provider.
+            r.map_err(|e| e.to_string())?;
         }
         self.images.materialise(hash).await.map_err(|e| e.to_string())?;
         Ok(())
