@@ -230,8 +230,22 @@ fn plan_one(name: &str, w: &Wanted, o: &Observed, m: &mut Memory, now: u64, out:
                     return;
                 }
                 ImageState::Failed(e) => {
-                    m.last_error = Some(format!("image: {e}"));
-                    push_report(report(VmState::Failed, m, false), out);
+                    // A failed fetch (no holder reachable, a full disk) is tried again like a
+                    // failed start: after a backoff, up to MAX_RESTARTS times; then the VM
+                    // stays failed until the user starts it again.
+                    if !m.gave_up && m.next_restart_ms == 0 {
+                        m.record_failure(format!("image: {e}"), now);
+                    }
+                    if m.gave_up {
+                        push_report(report(VmState::Failed, m, false), out);
+                    } else if now >= m.next_restart_ms {
+                        m.next_restart_ms = 0;
+                        m.image = ImageState::Fetching;
+                        out.push(Action::FetchImage(n()));
+                        push_report(report(VmState::Fetching, m, false), out);
+                    } else {
+                        push_report(report(VmState::Fetching, m, false), out);
+                    }
                     return;
                 }
                 ImageState::Ready => {}

@@ -67,17 +67,33 @@ fn new_vm_fetches_then_creates_and_starts() {
 }
 
 #[test]
-fn image_failure_is_reported() {
+fn image_failure_is_reported_and_retried_with_backoff_then_fails() {
     let w = wanted(Desired::Running, RestartPolicy::Always, VmState::Fetching);
-    let mut m = BTreeMap::from([("web".to_string(), Memory { image: ImageState::Failed("no provider".into()), ..Default::default() })]);
-    let a = plan(&w, &BTreeMap::new(), &mut m, 0);
-    match &a[..] {
-        [Action::Report(_, r)] => {
-            assert_eq!(r.state, VmState::Failed);
-            assert!(r.error.as_deref().is_some_and(|e| e.contains("no provider")));
+    let mut m = BTreeMap::from([("web".to_string(), Memory { image: ImageState::Failed("disk full".into()), ..Default::default() })]);
+    let mut now = 10_000;
+    for n in 1..MAX_RESTARTS {
+        // The failure is reported at once; nothing is fetched before the backoff.
+        let a = plan(&w, &BTreeMap::new(), &mut m, now);
+        match &a[..] {
+            [Action::Report(_, r)] => {
+                assert_eq!(r.state, VmState::Fetching, "retry {n}");
+                assert!(r.error.as_deref().is_some_and(|e| e.contains("image: disk full")), "{r:?}");
+            }
+            other => panic!("retry {n}: {other:?}"),
         }
+        assert!(!plan(&w, &BTreeMap::new(), &mut m, now + backoff_ms(n) - 1).iter().any(|a| matches!(a, Action::FetchImage(_))));
+        now += backoff_ms(n);
+        let a = plan(&w, &BTreeMap::new(), &mut m, now);
+        assert!(matches!(a.first(), Some(Action::FetchImage(_))), "retry {n} after its backoff: {a:?}");
+        // ... and it fails again.
+        m.get_mut("web").expect("mem").image = ImageState::Failed("disk full".into());
+    }
+    let a = plan(&w, &BTreeMap::new(), &mut m, now);
+    match &a[..] {
+        [Action::Report(_, r)] => assert_eq!(r.state, VmState::Failed, "out of retries"),
         other => panic!("{other:?}"),
     }
+    assert!(!plan(&w, &BTreeMap::new(), &mut m, now + 3_600_000).iter().any(|a| matches!(a, Action::FetchImage(_))));
 }
 
 #[test]

@@ -433,15 +433,10 @@ fn a_provider_with_a_corrupt_image_is_dropped_and_the_vm_boots_from_another() {
     c.cli_ok(&["vm", "delete", "v", "--wait", "--timeout", "60s"]);
 }
 
-/// Bytes used on the filesystem holding `p`.
-fn used_bytes(p: &Path) -> u64 {
-    let out = std::process::Command::new("df").args(["--output=used", "-B1"]).arg(p).output().expect("df");
-    String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).expect("df output")
-}
-
 /// The disk of the VM's node fills up while it fetches the image: the VM reports the full
-/// disk and the directory, the partial image is removed (the space comes back), and once
-/// there is room again a `vm start` brings it up, verified, with one hypervisor.
+/// disk and the directory, and once there is room again the fetch, tried again after a
+/// backoff, brings it up, verified, with one hypervisor. (That the partial image's space
+/// comes back is `blixard-images`' `a_full_disk_mid_fetch_fails_cleanly_and_frees_the_space`.)
 #[test]
 fn a_full_disk_during_the_image_fetch_is_reported_and_recovers_once_there_is_room() {
     let Some(bundle) = guest() else { return };
@@ -475,20 +470,17 @@ fn a_full_disk_during_the_image_fetch_is_reported_and_recovers_once_there_is_roo
     c.refresh_client_ticket();
     c.json(&["image", "push", bundle.to_str().expect("utf8"), "--name", "g"]).expect("push");
     c.cli_ok(&["node", "label", &host, "vmhost=yes"]);
-    let before = used_bytes(&small);
     c.cli_ok(&["vm", "create", "v", "--image", "g", "--constraint", "vmhost=yes", "--health", &format!("console:{READY}")]);
     let err = wait_for("v to report the full disk", Duration::from_secs(60), || {
         vm(&c, "v")["error"].as_str().filter(|e| e.contains("disk full")).map(str::to_string)
     });
     eprintln!("reported: {err}");
     assert!(err.contains(&small.display().to_string()), "names the directory: {err}");
+    assert!(err.contains("the partial image was removed"), "{err}");
     assert!(hypervisors_of(&small).is_empty(), "nothing started");
-    let after = used_bytes(&small);
-    assert!(after < before + (4 << 20), "partial image removed: {before} bytes used before the fetch, {after} after");
 
-    // Room again (the operator grows the disk), and the VM is started again.
+    // Room again (the operator grows the disk): the next try succeeds, with no command.
     assert!(std::process::Command::new("mount").args(["-o", "remount,size=256m"]).arg(&small).status().is_ok_and(|s| s.success()));
-    c.cli_ok(&["vm", "start", "v"]);
     wait_for("v running and healthy", Duration::from_secs(180), || {
         let v = c.json(&["vm", "info", "v"]).ok()?;
         (v["state"] == "running" && v["healthy"] == true && v["node"] == host.as_str()).then_some(())
