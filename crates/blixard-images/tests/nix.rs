@@ -170,3 +170,53 @@ async fn closure_errors_name_the_problem() {
     a.stop().await;
     none.stop().await;
 }
+
+/// A manifest whose NAR hash for one store path was tampered with (the blobs all verify:
+/// the manifest is a valid blob of its own) is refused when materialised, with or without
+/// Nix, naming the path and both hashes; nothing reaches the Nix store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_nar_hash_is_refused_on_import() {
+    if !nix_available("a_tampered_nar_hash_is_refused_on_import") {
+        return;
+    }
+    use blixard_images::manifest::{Image, Manifest};
+    use iroh_blobs::hashseq::HashSeq;
+    let nix = |target: Option<String>, disable: bool| NixOptions { env: nix_env(), target_store: target, disable_import: disable, ..Default::default() };
+    let a = node_with(|o| o.nix = nix(None, false)).await;
+    let result = build_closure(a.dir.path());
+    let img = a.images.add_closure(&result, &noop).await.unwrap();
+
+    // The same image with one NAR hash changed: a new manifest, a new root.
+    let root: Vec<_> = HashSeq::new(a.images.blobs().get_bytes(img.hash).await.unwrap()).unwrap().iter().collect();
+    let Manifest::V1(mut m) = Manifest::decode(&a.images.blobs().get_bytes(root[0]).await.unwrap()).unwrap();
+    let Image::NixClosure(c) = &mut m.image else { panic!("a closure") };
+    let victim = c.paths[0].store_path.clone();
+    c.paths[0].nar_hash[0] ^= 1;
+    let tampered_manifest = a.images.blobs().add_bytes(Manifest::V1(m).encode()).temp_tag().await.unwrap();
+    let new_root: HashSeq = std::iter::once(tampered_manifest.hash()).chain(root[1..].iter().copied()).collect();
+    let tampered = a
+        .images
+        .blobs()
+        .add_bytes_with_opts(iroh_blobs::api::blobs::AddBytesOptions { data: new_root.into(), format: iroh_blobs::BlobFormat::HashSeq })
+        .temp_tag()
+        .await
+        .unwrap();
+
+    let b_tmp = tempfile::tempdir().unwrap();
+    let b_store = format!("local?root={}", b_tmp.path().join("nixroot").display());
+    let with_nix = node_with(|o| o.nix = nix(Some(b_store.clone()), false)).await;
+    let without = node_with(|o| o.nix = nix(None, true)).await;
+    for n in [&with_nix, &without] {
+        // Every byte verifies against its BLAKE3 hash: the fetch succeeds.
+        n.images.fetch(tampered.hash(), vec![a.addr()], &noop).await.unwrap();
+        let e = n.images.materialise(tampered.hash(), &noop).await.unwrap_err();
+        eprintln!("tampered NAR hash: {e}");
+        assert!(matches!(e, blixard_images::MaterialiseError::NarHashMismatch { .. }), "{e}");
+        assert!(e.to_string().contains(&victim), "names the path: {e}");
+    }
+    let imported = Command::new("nix-store").envs(nix_env()).args(["--store", &b_store, "--check-validity", &victim]).output().unwrap();
+    assert!(!imported.status.success(), "{victim} must not be in B's Nix store");
+    for n in [a, with_nix, without] {
+        n.stop().await;
+    }
+}
