@@ -28,6 +28,8 @@ rustPlatform.buildRustPackage {
       ../Cargo.toml
       ../Cargo.lock
       ../crates
+      ../sim
+      ../vendor
     ];
   };
 
