@@ -70,8 +70,16 @@ impl Client {
 
     /// [`Self::request`] for requests that take long (a push waits for the whole upload).
     pub async fn request_timeout(&self, req: &ClientRequest, timeout: Duration) -> Result<ClientResponse, ClientError> {
+        self.request_as(rand::random::<u128>().max(1), req, timeout).await
+    }
+
+    /// Sends `req` under the request id `id` (see `ClientRequest::WithId`): sent again
+    /// under the same id, its writes are not carried out again.
+    pub async fn request_as(&self, id: u128, req: &ClientRequest, timeout: Duration) -> Result<ClientResponse, ClientError> {
         // "No leader" means the request was not carried out (an election is under way):
-        // ask again for a few seconds before giving up.
+        // ask again for a few seconds before giving up. Every attempt carries the same id,
+        // so a write that did get through somewhere is not carried out twice.
+        let req = &ClientRequest::WithId { id, request: Box::new(req.clone()) };
         let deadline = tokio::time::Instant::now() + NO_LEADER_RETRY;
         loop {
             let r = match self.try_peers(req, timeout).await {

@@ -74,6 +74,7 @@ fn kind(req: &ClientRequest) -> &'static str {
         ClientRequest::NodeDrain { .. } => "node-drain",
         ClientRequest::Propose(_) => "propose",
         ClientRequest::Forwarded { .. } => "forwarded",
+        ClientRequest::WithId { request, .. } => kind(request),
     }
 }
 
@@ -93,6 +94,11 @@ async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<Cli
         ClientRequest::Forwarded { origin, request, id } if is_member => {
             return crate::node::with_request_id(id, dispatch(ctx, origin, *request)).await;
         }
+        // 0 is "not deduplicated": a client that sends it gets a fresh id, as without one.
+        ClientRequest::WithId { id, request } if id != 0 => {
+            return crate::node::with_request_id(id, dispatch(ctx, caller, *request)).await;
+        }
+        ClientRequest::WithId { request, .. } => return dispatch(ctx, caller, *request).await,
         ClientRequest::Propose(_) | ClientRequest::Forwarded { .. } => {
             return Err(ApiError::Refused("only members may forward requests".into()))
         }
@@ -103,7 +109,7 @@ async fn handle(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<Cli
 
 /// Answers `req` from `caller` here, or forwards it to the node that answers it.
 async fn dispatch(ctx: &NodeCtx, caller: NodeId, req: ClientRequest) -> Result<ClientResponse, ApiError> {
-    if matches!(req, ClientRequest::Propose(_) | ClientRequest::Forwarded { .. }) {
+    if matches!(req, ClientRequest::Propose(_) | ClientRequest::Forwarded { .. } | ClientRequest::WithId { .. }) {
         return Err(ApiError::Invalid("nested forwarding".into()));
     }
     // Requests one particular node answers (not the leader).

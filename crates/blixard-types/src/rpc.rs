@@ -84,6 +84,10 @@ pub enum ClientRequest {
     /// sent it. Accepted only from members. `id` is the same for every attempt to forward
     /// one request: the writes it leads to are applied once (see `Request::id`).
     Forwarded { origin: NodeId, request: Box<ClientRequest>, id: u128 },
+    /// A client's request under an id the client chose, the same for every time it sends
+    /// it again (after "no leader", a lost answer, ...): the writes it leads to are applied
+    /// once whatever path each attempt takes. Any caller; `request` must not be wrapped again.
+    WithId { id: u128, request: Box<ClientRequest> },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
