@@ -10,7 +10,7 @@ use blixard_images::manifest::{
 use blixard_images::Hash;
 use blixard_raft::network::{RaftRpc, RaftRpcResponse};
 use blixard_state::ClusterState;
-use blixard_types::command::{NodeInfo, Resources};
+use blixard_types::command::{NodeInfo, Resources, VmCommand};
 use blixard_types::gossip::{GossipMessage, NodeHealth};
 use blixard_types::rpc::{ClientRequest, ClientResponse, JoinRequest, JoinResponse};
 use blixard_types::ticket::PeerAddr;
@@ -247,6 +247,17 @@ pub fn all(scratch: &Path) -> Vec<Target> {
             seeds: vec![
                 enc(&Request { at_ms: 5, by: NodeId([1; 32]), cmd: Command::CreateVm { spec: spec(), start: true }, id: 7 }),
                 enc(&Request { at_ms: 5, by: NodeId([1; 32]), cmd: Command::AdmitNode { node: NodeId([2; 32]), info: NodeInfo::default(), secret_hash: [3; 32], role: Role::Voter }, id: 0 }),
+                enc(&Request {
+                    at_ms: 5,
+                    by: NodeId([1; 32]),
+                    cmd: Command::Batch {
+                        commands: vec![
+                            VmCommand::CreateVm { spec: spec(), start: true },
+                            VmCommand::PlaceVm { name: "web-1".into(), node: NodeId([2; 32]) },
+                        ],
+                    },
+                    id: 9,
+                }),
             ],
             run: Box::new(|b| {
                 postcard::from_bytes::<Request>(b).is_ok()

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use blixard_types::image::{is_full_hash, validate_image_name, ImageKind, MIN_HASH_PREFIX};
-use blixard_types::command::{validate_label, NodeInfo, Refusal, Resources};
+use blixard_types::command::{validate_label, NodeInfo, Refusal, Resources, VmCommand, MAX_BATCH};
 use blixard_types::ticket::ticket_id;
 use blixard_scheduler::{NodeView, Policy};
 use blixard_types::vm::{Desired, VmReport, VmSpec, VmState};
@@ -687,6 +687,50 @@ impl ClusterState {
                 } else {
                     self.drained.remove(node);
                 }
+            }
+            Command::Batch { commands } => self.apply_batch(req, commands)?,
+        }
+        Ok(())
+    }
+
+    /// Applies each command as if proposed alone; if one is refused, puts back what those
+    /// before it changed. A [`VmCommand`] changes one VM record and the usage of at most two
+    /// nodes (where the VM was, where it goes), so saving those before each is exact.
+    fn apply_batch(&mut self, req: &Request, commands: &[VmCommand]) -> Result<(), Refusal> {
+        if commands.len() > MAX_BATCH {
+            return Err(Refusal::BatchTooLarge { len: commands.len() as u64, max: MAX_BATCH as u64 });
+        }
+        type Saved = (String, Option<VmRecord>, Vec<(NodeId, Option<NodeUsage>)>);
+        let mut saved: Vec<Saved> = Vec::with_capacity(commands.len());
+        for (index, c) in commands.iter().enumerate() {
+            let vm = self.vms.get(c.vm()).cloned();
+            let mut nodes: Vec<NodeId> = vm.as_ref().and_then(|v| v.node).into_iter().collect();
+            if let VmCommand::PlaceVm { node, .. } = c {
+                nodes.push(*node);
+            }
+            let usage = nodes.into_iter().map(|n| (n, self.usage.get(&n).cloned())).collect();
+            saved.push((c.vm().to_string(), vm, usage));
+            let one = Request { at_ms: req.at_ms, by: req.by, cmd: c.clone().into(), id: 0 };
+            if let Err(refusal) = self.try_apply(&one) {
+                // Newest first, so a record or usage changed twice ends as it was first.
+                for (name, vm, usage) in saved.into_iter().rev() {
+                    match vm {
+                        Some(v) => self.vms.insert(name, v),
+                        None => self.vms.remove(&name),
+                    };
+                    for (n, u) in usage {
+                        match u {
+                            Some(u) => self.usage.insert(n, u),
+                            None => self.usage.remove(&n),
+                        };
+                    }
+                }
+                return Err(Refusal::InBatch {
+                    index: index as u64,
+                    kind: one.cmd.kind().to_string(),
+                    vm: c.vm().to_string(),
+                    reason: refusal.to_string(),
+                });
             }
         }
         Ok(())

@@ -396,6 +396,83 @@ mod vms {
         }
     }
 
+    fn batch(commands: Vec<VmCommand>) -> Command {
+        Command::Batch { commands }
+    }
+
+    #[test]
+    fn a_batch_is_applied_whole_or_not_at_all() {
+        let mut s = with_capacity();
+        let before = s.clone();
+        let place = |name: &str, node| VmCommand::PlaceVm { name: name.into(), node };
+        let create = |name: &str, vcpus| VmCommand::CreateVm { spec: spec(name, vcpus, 512), start: true };
+        // The fourth command does not fit (3 + 2 vCPUs on a 4-vCPU node): nothing stays.
+        let r = s.apply(&req(10, id(1), batch(vec![create("a", 3), place("a", id(1)), create("b", 2), place("b", id(1))])));
+        match r {
+            CommandResult::Refused(Refusal::InBatch { index, kind, vm, reason }) => {
+                assert_eq!((index, kind.as_str(), vm.as_str()), (3, "place-vm", "b"));
+                assert!(reason.contains("does not fit"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s, before);
+        // A VM moved twice within a refused batch ends where it was.
+        ok(&mut s, id(1), batch(vec![create("a", 3), place("a", id(1))]));
+        let placed = s.clone();
+        let r = s.apply(&req(11, id(1), batch(vec![place("a", id(2)), place("a", id(1)), place("nope", id(1))])));
+        assert!(matches!(r, CommandResult::Refused(Refusal::InBatch { index: 2, .. })), "{r:?}");
+        assert_eq!(s, placed);
+        // Whole: the same as one by one.
+        ok(&mut s, id(1), batch(vec![create("b", 1), place("b", id(2)), place("a", id(2))]));
+        assert_eq!((s.vms["a"].node, s.vms["b"].node), (Some(id(2)), Some(id(2))));
+        assert_eq!(s.usage[&id(2)].used.cpus, 4);
+        assert_eq!(s.usage[&id(1)].used.cpus, 0);
+        // Bounded.
+        let many = (0..=MAX_BATCH).map(|i| create(&format!("v{i}"), 1)).collect();
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(&req(12, id(1), batch(many))),
+            CommandResult::Refused(Refusal::BatchTooLarge { len, .. }) if len == MAX_BATCH as u64 + 1
+        ));
+        assert_eq!(s, before);
+    }
+
+    proptest! {
+        /// A batch that is applied leaves the state one-by-one application leaves; a refused
+        /// one leaves it as it was, and one by one a command of it is refused too.
+        #[test]
+        fn a_batch_is_its_commands_one_by_one_or_nothing(
+            setup in proptest::collection::vec((0u8..4, 0u8..6, 1u8..3, 1u32..4), 0..20),
+            ops in proptest::collection::vec((0u8..4, 0u8..6, 1u8..3, 1u32..4), 0..12),
+        ) {
+            let vm_cmd = |(op, vm, node, vcpus): (u8, u8, u8, u32)| {
+                let name = format!("vm{vm}");
+                match op {
+                    0 => VmCommand::CreateVm { spec: spec(&name, vcpus, 512), start: true },
+                    1 => VmCommand::PlaceVm { name, node: id(node) },
+                    2 => VmCommand::SetDesired { name, desired: Desired::Stopped },
+                    _ => VmCommand::PlacementFailed { name, reason: "full".into() },
+                }
+            };
+            let mut s = with_capacity();
+            for op in setup {
+                s.apply(&req(20, id(1), vm_cmd(op).into()));
+            }
+            let cmds: Vec<VmCommand> = ops.into_iter().map(vm_cmd).collect();
+            let mut one_by_one = s.clone();
+            let all_ok = cmds.iter().all(|c| one_by_one.apply(&req(21, id(1), c.clone().into())) == CommandResult::Ok);
+            let before = s.clone();
+            let r = s.apply(&req(21, id(1), batch(cmds)));
+            if all_ok {
+                prop_assert_eq!(r, CommandResult::Ok);
+                prop_assert_eq!(&s, &one_by_one);
+            } else {
+                prop_assert!(matches!(r, CommandResult::Refused(Refusal::InBatch { .. })), "{:?}", r);
+                prop_assert_eq!(&s, &before);
+            }
+        }
+    }
+
     /// Two 4-vCPU nodes. VMs no node can take (8 vCPUs) come first in name order; the
     /// round still places the new small ones, and tries the failed ones again in turn.
     #[test]

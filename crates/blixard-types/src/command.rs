@@ -86,6 +86,48 @@ pub enum Command {
     /// Removes an image (by full hash) and the names pointing at it; refused while a VM
     /// uses it.
     RemoveImage { hash: String },
+    /// Up to [`MAX_BATCH`] VM commands in one entry, applied in order, all or none: if one
+    /// is refused, those before it are undone and the batch is refused. A leader placing
+    /// thousands of VMs commits them in a few entries instead of one each.
+    Batch { commands: Vec<VmCommand> },
+}
+
+/// Most commands in one [`Command::Batch`]: a batch of created VMs stays well under the
+/// frame limit (`frame::MAX_FRAME`) even when openraft sends several in one append.
+pub const MAX_BATCH: usize = 1_000;
+
+/// The commands a [`Command::Batch`] may hold: those that change nothing but one VM record
+/// (and the usage its placement charges), so that a refused batch is undone exactly. Not a
+/// [`Command`] itself, so a batch cannot nest (decoding stays flat).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmCommand {
+    CreateVm { spec: VmSpec, start: bool },
+    PlaceVm { name: String, node: NodeId },
+    SetDesired { name: String, desired: Desired },
+    PlacementFailed { name: String, reason: String },
+}
+
+impl From<VmCommand> for Command {
+    fn from(c: VmCommand) -> Command {
+        match c {
+            VmCommand::CreateVm { spec, start } => Command::CreateVm { spec, start },
+            VmCommand::PlaceVm { name, node } => Command::PlaceVm { name, node },
+            VmCommand::SetDesired { name, desired } => Command::SetDesired { name, desired },
+            VmCommand::PlacementFailed { name, reason } => Command::PlacementFailed { name, reason },
+        }
+    }
+}
+
+impl VmCommand {
+    /// The VM it changes.
+    pub fn vm(&self) -> &str {
+        match self {
+            VmCommand::CreateVm { spec, .. } => &spec.name,
+            VmCommand::PlaceVm { name, .. }
+            | VmCommand::SetDesired { name, .. }
+            | VmCommand::PlacementFailed { name, .. } => name,
+        }
+    }
 }
 
 impl Command {
@@ -110,6 +152,7 @@ impl Command {
             Command::PlacementFailed { .. } => "placement-failed",
             Command::PublishImage { .. } => "publish-image",
             Command::RemoveImage { .. } => "remove-image",
+            Command::Batch { .. } => "batch",
         }
     }
 }
@@ -168,6 +211,11 @@ pub enum Refusal {
     InvalidImage(String),
     #[error("image {image} is used by VM(s) {vms}; delete them first")]
     ImageInUse { image: String, vms: String },
+    #[error("a batch holds at most {max} commands, not {len}")]
+    BatchTooLarge { len: u64, max: u64 },
+    /// The batch was undone: command `index` (from 0) was refused for `reason`.
+    #[error("batch refused, nothing applied: command {index} ({kind} of VM {vm:?}) was refused: {reason}")]
+    InBatch { index: u64, kind: String, vm: String, reason: String },
 }
 
 /// Longest label key or value.
