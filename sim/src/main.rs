@@ -81,21 +81,27 @@ fn c1m(opt: &Opt) -> ExitCode {
     let t = Instant::now();
     match blixard_sim::c1m::run_c1m(&o) {
         Ok(r) => {
-            println!("C1M: {} nodes, {} VMs through ClusterState::apply and plan_placements (scheduler sampling 64)", r.nodes, r.vms);
             println!(
-                "  join {} nodes: {:.1} s; create {} VMs: {:.1} s",
-                r.nodes,
-                r.join.as_secs_f64(),
-                r.vms,
-                r.create.as_secs_f64()
+                "C1M: {} nodes, {} VMs through {} Raft servers (openraft, redb log, state machine), placed by plan_placements (scheduler sampling 64)",
+                r.nodes, r.vms, r.servers
             );
+            let phase = |p: &blixard_sim::c1m::Phase| {
+                format!("{:.1} s wall, {:.1} s simulated", p.wall.as_secs_f64(), p.sim.as_secs_f64())
+            };
+            println!("  join {} nodes: {}", r.nodes, phase(&r.join));
+            println!("  create {} VMs: {}", r.vms, phase(&r.create));
             println!(
-                "  place: {} placed in {} rounds, {:.1} s, {:.0} placements/s; {} unplaceable",
+                "  place: {} placed in {} rounds, {}, {:.0} placements/s; {} unplaceable",
                 r.placed,
                 r.rounds,
-                r.place.as_secs_f64(),
+                phase(&r.place),
                 r.placements_per_s(),
                 r.unplaceable
+            );
+            println!(
+                "  {} log entries; every server's state {}",
+                r.entries,
+                &r.state_hash[..16]
             );
             println!(
                 "  most VMs on one node: {}; nodes over capacity: {}",
@@ -113,7 +119,13 @@ fn c1m(opt: &Opt) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("C1M failed: {e}");
+            let mut msg = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                msg.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            eprintln!("C1M failed: {msg}");
             ExitCode::FAILURE
         }
     }
