@@ -49,13 +49,18 @@ if [ -z "${ACCEL:-}" ]; then
     if [ -c /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ]; then ACCEL=kvm; else ACCEL=tcg; fi
 fi
 
+mkdir -p "$OUT"
+# Builds into one OUTDIR (tests running in parallel) take turns: the second finds the
+# first's result up to date instead of deleting it half-way.
+exec 9>"$OUT/.lock"
+flock 9
+
 STAMP="test-guest v3 kernel=$KERNEL_VERSION accel=$ACCEL init=$(cksum < "$HERE/init" | cut -d' ' -f1) build=$(cksum < "$0" | cut -d' ' -f1)"
 if [ -f "$OUT/VERSION" ] && [ "$(cat "$OUT/VERSION")" = "$STAMP" ]; then
     echo "build.sh: $OUT is up to date"
     exit 0
 fi
 
-mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d "$OUT/.build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT INT TERM

@@ -19,6 +19,7 @@ use blixard_reconcile::fence::{others_could_act, Fence, Step};
 use blixard_reconcile::liveness::Liveness;
 use blixard_reconcile::{plan, Action, ImageState, Local, Memory, Observed};
 use blixard_state::Placement;
+use blixard_types::command::VmCommand;
 use blixard_types::gossip::NodeHealth;
 use blixard_types::{Command, CommandResult, NodeId, Request};
 use blixard_vmm::{Boot, Bundle, StopOptions, VmBackend, VmState};
@@ -168,11 +169,9 @@ async fn placer(world: Arc<World>, id: u64, shared: SharedState<SimConfig>, o: O
             st.state.plan_placements(views, |n| *n != me && det.lost(n, sim_now(), o.grace, in_touch_for), salt, PER_ROUND)
         };
         let decided = tokio::time::Instant::now();
+        let mut commands = Vec::new();
         for p in plan {
-            if decided.elapsed() > PLACER_TICK {
-                break;
-            }
-            let cmd = match p {
+            match p {
                 Placement::Place { name, node, from } => {
                     let mut w = world.lock();
                     w.counters.bump(if from.is_some() { "vm_moves" } else { "vm_placements" });
@@ -182,14 +181,26 @@ async fn placer(world: Arc<World>, id: u64, shared: SharedState<SimConfig>, o: O
                         from.and_then(|f| node_of(&f))
                     ));
                     drop(w);
-                    Command::PlaceVm { name, node }
+                    commands.push(VmCommand::PlaceVm { name, node });
                 }
-                Placement::Unplaceable { changed: false, .. } => continue,
-                Placement::Unplaceable { name, reason, .. } => Command::PlacementFailed { name, reason },
-            };
-            if propose(&world, id, cmd).await.is_none() {
-                break;
+                Placement::Unplaceable { changed: false, .. } => {}
+                Placement::Unplaceable { name, reason, .. } => commands.push(VmCommand::PlacementFailed { name, reason }),
             }
+        }
+        if commands.is_empty() {
+            continue;
+        }
+        // One entry for the round; refused (the state moved since the plan): one at a time.
+        match propose(&world, id, Command::Batch { commands: commands.clone() }).await {
+            Some(CommandResult::Refused(_)) => {
+                world.lock().counters.bump("placement_batches_refused");
+                for c in commands {
+                    if decided.elapsed() > PLACER_TICK || propose(&world, id, c.into()).await.is_none() {
+                        break;
+                    }
+                }
+            }
+            Some(CommandResult::Ok) | None => {}
         }
     }
 }

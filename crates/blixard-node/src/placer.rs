@@ -3,9 +3,11 @@
 //! placement recorded in Raft. The node a VM left stops it when it comes back (its
 //! reconciler sees the VM is no longer placed there).
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use blixard_state::Placement;
+use blixard_types::command::VmCommand;
 use blixard_types::{Command, CommandResult, NodeId};
 use tracing::{info, warn, Instrument};
 
@@ -68,7 +70,9 @@ fn lost(ctx: &NodeCtx, node: &NodeId, in_touch_for: Duration) -> bool {
 }
 
 /// One placement round: decided by [`blixard_state::ClusterState::plan_placements`], then
-/// proposed one by one. Returns how many VMs were placed.
+/// proposed as one [`Command::Batch`] (one Raft entry for the round). If the batch is
+/// refused (a VM deleted or a node removed since the plan), the round is proposed again one
+/// command at a time, so the rest still lands. Returns how many VMs were placed.
 pub async fn round(ctx: &NodeCtx, in_touch_for: Duration) -> usize {
     let plan = {
         let st = ctx.state.read().unwrap_or_else(|p| p.into_inner());
@@ -88,55 +92,76 @@ pub async fn round(ctx: &NodeCtx, in_touch_for: Duration) -> usize {
         st.state
             .plan_placements(views, |n| lost(ctx, n, in_touch_for), salt, PER_ROUND)
     };
-    let mut placed = 0;
     let decided = std::time::Instant::now();
+    let mut commands = Vec::new();
+    let mut moved_from = Vec::new();
     for p in plan {
+        match p {
+            Placement::Place { name, node, from } => {
+                moved_from.push(from);
+                commands.push(VmCommand::PlaceVm { name, node });
+            }
+            Placement::Unplaceable { name, reason, changed } => {
+                ctx.metrics.placement_failures.fetch_add(1, Ordering::Relaxed);
+                if changed {
+                    commands.push(VmCommand::PlacementFailed { name, reason });
+                }
+            }
+        }
+    }
+    if commands.is_empty() {
+        return 0;
+    }
+    let result = ctx
+        .propose(ctx.id, Command::Batch { commands: commands.clone() })
+        .await;
+    match result {
+        Ok(CommandResult::Ok) => {
+            let mut from = moved_from.into_iter();
+            let mut placed = 0;
+            for c in &commands {
+                if let VmCommand::PlaceVm { name, node } = c {
+                    let from = from.next().flatten();
+                    info!(vm = %name, node = %node.short(), moved_from = ?from.map(|f| f.short()), "placed");
+                    placed += 1;
+                }
+            }
+            ctx.metrics.placements.fetch_add(placed as u64, Ordering::Relaxed);
+            placed
+        }
+        Ok(CommandResult::Refused(r)) => {
+            warn!(reason = %r, "placement batch refused; proposing its commands one at a time");
+            one_at_a_time(ctx, commands, decided).await
+        }
+        Err(e) => {
+            warn!(error = %e, "placements not recorded");
+            0
+        }
+    }
+}
+
+/// The round's commands as one entry each; a refused one is logged and skipped.
+async fn one_at_a_time(ctx: &NodeCtx, commands: Vec<VmCommand>, decided: std::time::Instant) -> usize {
+    let mut placed = 0;
+    for c in commands {
         // A plan is only as good as the liveness it was made from: after a proposal that
         // took long (no quorum for a while), decide again.
         if decided.elapsed() > TICK {
             break;
         }
-        match p {
-            Placement::Place { name, node, from } => {
-                match ctx
-                    .propose(
-                        ctx.id,
-                        Command::PlaceVm {
-                            name: name.clone(),
-                            node,
-                        },
-                    )
-                    .await
-                {
-                    Ok(CommandResult::Ok) => {
-                        info!(vm = %name, node = %node.short(), moved_from = ?from.map(|f| f.short()), "placed");
-                        ctx.metrics
-                            .placements
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        placed += 1;
-                    }
-                    Ok(CommandResult::Refused(r)) => {
-                        warn!(vm = %name, reason = %r, "placement refused")
-                    }
-                    Err(e) => {
-                        warn!(vm = %name, error = %e, "placement not recorded");
-                        return placed;
-                    }
-                }
+        let vm = c.vm().to_string();
+        let place = matches!(c, VmCommand::PlaceVm { .. });
+        match ctx.propose(ctx.id, c.into()).await {
+            Ok(CommandResult::Ok) if place => {
+                info!(vm = %vm, "placed");
+                ctx.metrics.placements.fetch_add(1, Ordering::Relaxed);
+                placed += 1;
             }
-            Placement::Unplaceable {
-                name,
-                reason,
-                changed,
-            } => {
-                ctx.metrics
-                    .placement_failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if changed {
-                    let _ = ctx
-                        .propose(ctx.id, Command::PlacementFailed { name, reason })
-                        .await;
-                }
+            Ok(CommandResult::Ok) => {}
+            Ok(CommandResult::Refused(r)) => warn!(vm = %vm, reason = %r, "placement refused"),
+            Err(e) => {
+                warn!(vm = %vm, error = %e, "placement not recorded");
+                return placed;
             }
         }
     }
