@@ -19,17 +19,42 @@ use iroh::endpoint::presets;
 use iroh::protocol::Router;
 use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey};
 
+/// The transport's ceiling: one QUIC stream A→B over the same endpoints, no store.
+const STREAM_ALPN: &[u8] = b"blixard/bench-stream/0";
+
 async fn endpoint() -> Endpoint {
     Endpoint::builder(presets::Minimal)
         .secret_key(SecretKey::generate())
         .relay_mode(RelayMode::Disabled)
-        .alpns(vec![ALPN.to_vec()])
+        .alpns(vec![ALPN.to_vec(), STREAM_ALPN.to_vec()])
         .clear_ip_transports()
         .bind_addr("127.0.0.1:0".parse::<SocketAddr>().unwrap())
         .unwrap()
         .bind()
         .await
         .unwrap()
+}
+
+/// Sends the number of bytes the client asks for (8 bytes, little endian) on one stream.
+#[derive(Debug, Clone)]
+struct Source;
+
+impl iroh::protocol::ProtocolHandler for Source {
+    async fn accept(&self, conn: iroh::endpoint::Connection) -> Result<(), iroh::protocol::AcceptError> {
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut want = [0u8; 8];
+        recv.read_exact(&mut want).await.map_err(iroh::protocol::AcceptError::from_err)?;
+        let mut left = u64::from_le_bytes(want);
+        let buf = vec![0xA5u8; 1 << 20];
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            send.write_all(&buf[..n]).await.map_err(iroh::protocol::AcceptError::from_err)?;
+            left -= n as u64;
+        }
+        send.finish()?;
+        conn.closed().await;
+        Ok(())
+    }
 }
 
 /// `BENCH_INLINE_KIB`: blobs up to this size live in the store's database.
@@ -53,6 +78,9 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("fetch") {
         return fetch_child(&args[2..]).await;
+    }
+    if args.get(1).map(String::as_str) == Some("stream") {
+        return stream_child(&args[2..]).await;
     }
     let mib: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1024);
     let base = args.get(2).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
@@ -86,7 +114,7 @@ async fn main() {
     inline(&mut aopts);
     let chunking = aopts.chunking;
     let a = ImageStore::open(ep.clone(), aopts).await.unwrap();
-    let router = Router::builder(ep.clone()).accept(ALPN, a.protocol_handler()).spawn();
+    let router = Router::builder(ep.clone()).accept(ALPN, a.protocol_handler()).accept(STREAM_ALPN, Source).spawn();
     let t = Instant::now();
     let spec = BundleSpec { kernel: w.join("kernel"), initrd: w.join("initrd"), disk: Some(disk.clone()), cmdline: "console=ttyS0".into() };
     let img = a.add_bundle(&spec, &|_p: Progress| {}).await.unwrap();
@@ -96,6 +124,13 @@ async fn main() {
         _ => 0,
     };
     let addrs: Vec<String> = ep.bound_sockets().iter().map(|s| s.to_string()).collect();
+
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["stream", &ep.id().to_string(), &addrs.join(","), &size.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stream child failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stream_s: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
 
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["fetch", &ep.id().to_string(), &addrs.join(","), &img.hash.to_string(), &w.join("b").to_string_lossy()])
@@ -119,6 +154,7 @@ async fn main() {
     );
     println!("add (chunk + store) on A: {add_s:.2} s ({:.0} MB/s)", mb / add_s);
     println!("cp of the disk file:      {cp_s:.2} s ({:.0} MB/s)", mb / cp_s);
+    println!("QUIC stream A->B, no store (the transport's ceiling): {stream_s:.2} s ({:.0} MB/s), ratio to cp = {:.2}", mb / stream_s, cp_s / stream_s);
     println!("fetch A->B (loopback):    {fetch_s:.2} s ({:.0} MB/s), ratio fetch/cp throughput = {:.2}", mb / fetch_s, cp_s / fetch_s);
     println!("materialise on B (reassemble disk + fsync): {mat_s:.2} s ({:.0} MB/s)", mb / mat_s);
     println!("peak RSS of the fetching process: {rss_fetch:.0} MiB after fetch, {rss_all:.0} MiB after materialise (budget 128 MiB)");
@@ -126,12 +162,39 @@ async fn main() {
     a.shutdown().await;
 }
 
-async fn fetch_child(args: &[String]) {
+fn provider_addr(args: &[String]) -> EndpointAddr {
     let id: EndpointId = args[0].parse().unwrap();
     let mut addr = EndpointAddr::new(id);
     for s in args[1].split(',') {
         addr = addr.with_ip_addr(s.parse().unwrap());
     }
+    addr
+}
+
+/// Reads SIZE bytes from A on one stream; prints the seconds it took.
+async fn stream_child(args: &[String]) {
+    let addr = provider_addr(args);
+    let size: u64 = args[2].parse().unwrap();
+    let ep = endpoint().await;
+    let conn = ep.connect(addr, STREAM_ALPN).await.unwrap();
+    let t = Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&size.to_le_bytes()).await.unwrap();
+    send.finish().unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    while let Some(n) = recv.read(&mut buf).await.unwrap() {
+        got += n as u64;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(got, size);
+    conn.close(0u32.into(), b"done");
+    println!("{secs:.3}");
+    ep.close().await;
+}
+
+async fn fetch_child(args: &[String]) {
+    let addr = provider_addr(args);
     let hash: blixard_images::Hash = args[2].parse().unwrap();
     let ep = endpoint().await;
     let mut opts = ImageStoreOptions::new(&args[3]);
