@@ -8,6 +8,8 @@
 //! target/release/examples/swarm_bench [--fetchers 8] [--mib 256] [--mbit 100] [--skip-origin]
 //! ```
 //! `--mbit 0` shapes nothing: the time is then what the machine's CPU allows.
+//! `BENCH_LOG=FILTER` (e.g. `iroh_blobs=warn,blixard_images=warn`): the processes log to
+//! stderr. `BENCH_MISSING_RETRY_MS`: the fetchers' `missing_retry` (default 100).
 //! Namespaces `bxsw-*` and the address range 10.77.0.0/24 are used and removed afterwards.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,6 +31,13 @@ const NS: &str = "bxsw";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // `BENCH_LOG=warn` (an env filter): the children log to stderr.
+    if let Ok(filter) = std::env::var("BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match args.get(1).map(String::as_str) {
         Some("publish") => return child_publish(&args[2..]),
         Some("fetch") => return child_fetch(&args[2..]),
@@ -298,9 +307,11 @@ fn wait_for_eof() {
 /// The image store of a publisher or fetcher in `dir`, served on an endpoint bound to `ip`.
 async fn serve(dir: &Path, ip: &str) -> (Endpoint, ImageStore, Router) {
     let ep = endpoint(ip).await;
-    let store = ImageStore::open(ep.clone(), ImageStoreOptions::new(dir.join("store")))
-        .await
-        .unwrap();
+    let mut opts = ImageStoreOptions::new(dir.join("store"));
+    if let Some(ms) = std::env::var("BENCH_MISSING_RETRY_MS").ok().and_then(|v| v.parse().ok()) {
+        opts.fetch.missing_retry = std::time::Duration::from_millis(ms);
+    }
+    let store = ImageStore::open(ep.clone(), opts).await.unwrap();
     let router = Router::builder(ep.clone())
         .accept(ALPN, store.protocol_handler())
         .spawn();
