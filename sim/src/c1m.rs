@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use crate::network::SimNetwork;
 use crate::rng::SimRng;
 use crate::runtime;
-use crate::storage::SimLog;
+use crate::storage::{state_hash, SimLog};
 use crate::world::{World, WorldState};
 use crate::{Raft, SimConfig};
 
@@ -189,13 +189,8 @@ impl Servers {
         Ok(Servers { world, states })
     }
 
-    /// The server that leads now, as server 0 knows it (0 if none yet).
     fn leader(&self) -> u64 {
-        let w = self.world.lock();
-        w.rafts
-            .get(&0)
-            .and_then(|r| r.metrics().borrow().current_leader)
-            .unwrap_or(0)
+        leader(&self.world)
     }
 
     fn stop(&self) {
@@ -232,9 +227,8 @@ impl Servers {
             .iter()
             .map(|s| {
                 let a = s.read().unwrap_or_else(|p| p.into_inner());
-                // Encoding an in-memory state cannot fail; an empty input would still differ.
-                let bytes = postcard::to_allocvec(&a.state).unwrap_or_default();
-                blake3::hash(&bytes).to_hex().to_string()
+                // Encoding an in-memory state cannot fail; an empty hash would still differ.
+                state_hash(&a.state).map(|h| blake3::Hash::from_bytes(h).to_hex().to_string()).unwrap_or_default()
             })
             .collect();
         if hashes.iter().any(|h| *h != hashes[0]) {
@@ -244,15 +238,21 @@ impl Servers {
     }
 }
 
+/// The server that leads now, as server 0 knows it (0 if none yet).
+fn leader(world: &World) -> u64 {
+    let w = world.lock();
+    w.rafts
+        .get(&0)
+        .and_then(|r| r.metrics().borrow().current_leader)
+        .unwrap_or(0)
+}
+
 /// Proposes `cmd` through the leader (following redirects) until it is committed and
 /// applied there. One request id for every attempt, as a client keeps.
 async fn propose(world: Arc<World>, cmd: Command) -> Result<(), C1mError> {
     let what = cmd.kind().to_string();
     let id = world.lock().request_id();
-    let mut target = {
-        let w = world.lock();
-        w.rafts.get(&0).and_then(|r| r.metrics().borrow().current_leader).unwrap_or(0)
-    };
+    let mut target = leader(&world);
     for _ in 0..100 {
         let (raft, req) = {
             let w = world.lock();
@@ -410,26 +410,13 @@ async fn scenario(o: &C1mOptions, servers: &Servers) -> Result<C1mReport, C1mErr
             a.state.plan_placements(a.state.node_views(|_| true), |_| false, salt, o.per_round)
         };
         rounds += 1;
-        let mut commands = Vec::with_capacity(plan.len());
-        let mut progress = false;
-        for p in plan {
-            match p {
-                Placement::Place { name, node, .. } => {
-                    progress = true;
-                    placed += 1;
-                    commands.push(VmCommand::PlaceVm { name, node });
-                }
-                Placement::Unplaceable { name, reason, changed } => {
-                    if changed {
-                        commands.push(VmCommand::PlacementFailed { name, reason });
-                    }
-                }
-            }
-        }
+        let places = plan.iter().filter(|p| matches!(p, Placement::Place { .. })).count();
+        placed += places;
+        let commands: Vec<VmCommand> = plan.into_iter().filter_map(Placement::into_command).collect();
         // The state machine checks every placement against capacity again; the planner
         // charged its views, so a refused batch is a planner bug and ends the run.
         commit_batches(world, commands, o.in_flight).await?;
-        if !progress {
+        if places == 0 {
             break;
         }
     }

@@ -19,7 +19,6 @@ use blixard_reconcile::fence::{others_could_act, Fence, Step};
 use blixard_reconcile::liveness::Liveness;
 use blixard_reconcile::{plan, Action, ImageState, Local, Memory, Observed};
 use blixard_state::Placement;
-use blixard_types::command::VmCommand;
 use blixard_types::gossip::NodeHealth;
 use blixard_types::{Command, CommandResult, NodeId, Request};
 use blixard_vmm::{Boot, Bundle, StopOptions, VmBackend, VmState};
@@ -171,21 +170,16 @@ async fn placer(world: Arc<World>, id: u64, shared: SharedState<SimConfig>, o: O
         let decided = tokio::time::Instant::now();
         let mut commands = Vec::new();
         for p in plan {
-            match p {
-                Placement::Place { name, node, from } => {
-                    let mut w = world.lock();
-                    w.counters.bump(if from.is_some() { "vm_moves" } else { "vm_placements" });
-                    w.event(format_args!(
-                        "n{id} places {name} on n{} (from {:?})",
-                        node_of(&node).unwrap_or(u64::MAX),
-                        from.and_then(|f| node_of(&f))
-                    ));
-                    drop(w);
-                    commands.push(VmCommand::PlaceVm { name, node });
-                }
-                Placement::Unplaceable { changed: false, .. } => {}
-                Placement::Unplaceable { name, reason, .. } => commands.push(VmCommand::PlacementFailed { name, reason }),
+            if let Placement::Place { name, node, from } = &p {
+                let mut w = world.lock();
+                w.counters.bump(if from.is_some() { "vm_moves" } else { "vm_placements" });
+                w.event(format_args!(
+                    "n{id} places {name} on n{} (from {:?})",
+                    node_of(node).unwrap_or(u64::MAX),
+                    from.and_then(|f| node_of(&f))
+                ));
             }
+            commands.extend(p.into_command());
         }
         if commands.is_empty() {
             continue;

@@ -52,6 +52,12 @@ pub fn digest(entry: &Entry) -> EntryDigest {
     }
 }
 
+/// BLAKE3 of a cluster state's encoding: what replicas are compared by.
+pub fn state_hash(state: &blixard_state::ClusterState) -> std::result::Result<[u8; 32], postcard::Error> {
+    let bytes = postcard::to_allocvec(state)?;
+    Ok(*blake3::hash(&bytes).as_bytes())
+}
+
 /// The real log store, behind a slow disk and optionally a [`Bug`].
 pub struct SimLog {
     inner: LogStore<SimConfig>,
@@ -187,8 +193,7 @@ impl CheckedSm {
             StorageIOError::read_state_machine(AnyError::error(e.to_string())).into()
         };
         let applied = self.shared.read().map_err(|_| err(&SimPoisoned))?;
-        let bytes = postcard::to_allocvec(&applied.state).map_err(|e| err(&e))?;
-        Ok(*blake3::hash(&bytes).as_bytes())
+        state_hash(&applied.state).map_err(|e| err(&e))
     }
 }
 

@@ -96,18 +96,13 @@ pub async fn round(ctx: &NodeCtx, in_touch_for: Duration) -> usize {
     let mut commands = Vec::new();
     let mut moved_from = Vec::new();
     for p in plan {
-        match p {
-            Placement::Place { name, node, from } => {
-                moved_from.push(from);
-                commands.push(VmCommand::PlaceVm { name, node });
-            }
-            Placement::Unplaceable { name, reason, changed } => {
+        match &p {
+            Placement::Place { from, .. } => moved_from.push(*from),
+            Placement::Unplaceable { .. } => {
                 ctx.metrics.placement_failures.fetch_add(1, Ordering::Relaxed);
-                if changed {
-                    commands.push(VmCommand::PlacementFailed { name, reason });
-                }
             }
         }
+        commands.extend(p.into_command());
     }
     if commands.is_empty() {
         return 0;

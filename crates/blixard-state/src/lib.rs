@@ -56,6 +56,18 @@ pub enum Placement {
     },
 }
 
+impl Placement {
+    /// The entry that records this decision: the placement, or why there is none when that
+    /// changed; `None` when there is nothing new to record.
+    pub fn into_command(self) -> Option<VmCommand> {
+        match self {
+            Placement::Place { name, node, .. } => Some(VmCommand::PlaceVm { name, node }),
+            Placement::Unplaceable { name, reason, changed: true } => Some(VmCommand::PlacementFailed { name, reason }),
+            Placement::Unplaceable { changed: false, .. } => None,
+        }
+    }
+}
+
 /// An issued ticket; only the hash of its secret is kept.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TicketRecord {
