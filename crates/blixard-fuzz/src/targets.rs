@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use blixard_images::manifest::{
     Bundle, ChunkedFile, FilePart, Image, Manifest, ManifestV1, NixClosure, StorePathEntry,
 };
+use blixard_images::have::HaveMsg;
 use blixard_images::Hash;
 use blixard_raft::network::{RaftRpc, RaftRpcResponse};
 use blixard_state::ClusterState;
@@ -275,6 +276,20 @@ pub fn all(scratch: &Path) -> Vec<Target> {
             seeds: manifests(),
             run: Box::new(|b| {
                 Manifest::decode(b).is_ok()
+            }),
+        },
+        Target {
+            name: "image-have",
+            seeds: vec![
+                HaveMsg::Bits { n: 20, bits: vec![0b1010_0101, 0xff, 0x0f] }.encode()[4..].to_vec(),
+                HaveMsg::Parts(vec![1, 7, 4_000_000]).encode()[4..].to_vec(),
+                HaveMsg::All.encode()[4..].to_vec(),
+            ],
+            run: Box::new(|b| {
+                HaveMsg::decode(b).is_ok_and(|m| match m {
+                    HaveMsg::Bits { n, bits } => blixard_images::have::HaveBits::from_msg(n, bits).is_some(),
+                    _ => true,
+                })
             }),
         },
         Target {

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
-use blixard_images::{BundleSpec, ImageStore, ImageStoreOptions, Progress, ALPN};
+use blixard_images::{BundleSpec, ImageStore, ImageStoreOptions, Progress, ALPN, HAVE_ALPN};
 use iroh::endpoint::presets;
 use iroh::protocol::Router;
 use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey};
@@ -275,7 +275,7 @@ async fn endpoint(ip: &str) -> Endpoint {
     Endpoint::builder(presets::Minimal)
         .secret_key(SecretKey::generate())
         .relay_mode(RelayMode::Disabled)
-        .alpns(vec![ALPN.to_vec()])
+        .alpns(vec![ALPN.to_vec(), HAVE_ALPN.to_vec()])
         .clear_ip_transports()
         .bind_addr(format!("{ip}:0").parse::<SocketAddr>().unwrap())
         .unwrap()
@@ -314,6 +314,7 @@ async fn serve(dir: &Path, ip: &str) -> (Endpoint, ImageStore, Router) {
     let store = ImageStore::open(ep.clone(), opts).await.unwrap();
     let router = Router::builder(ep.clone())
         .accept(ALPN, store.protocol_handler())
+        .accept(HAVE_ALPN, store.have_handler())
         .spawn();
     (ep, store, router)
 }
@@ -363,11 +364,22 @@ fn child_fetch(args: &[String]) {
         let hash: blixard_images::Hash = it.next().unwrap().parse().unwrap();
         let providers: Vec<EndpointAddr> = it.next().unwrap().split(',').map(parse_peer).collect();
         let t = Instant::now();
+        // MiB held at the end of each second (`tl=`), to see where a run loses time.
+        let timeline = std::sync::Mutex::new(Vec::<u64>::new());
         let stats = store
-            .fetch(hash, providers, &|_p: Progress| {})
+            .fetch(hash, providers, &|p: Progress| {
+                let sec = t.elapsed().as_secs() as usize;
+                let mut tl = timeline.lock().unwrap();
+                let last = tl.last().copied().unwrap_or(0);
+                while tl.len() <= sec {
+                    tl.push(last);
+                }
+                tl[sec] = p.done >> 20;
+            })
             .await
             .unwrap();
         let secs = t.elapsed().as_secs_f64();
+        let tl: Vec<String> = timeline.into_inner().unwrap().iter().map(u64::to_string).collect();
         let from: Vec<String> = stats
             .providers
             .iter()
@@ -384,9 +396,10 @@ fn child_fetch(args: &[String]) {
             })
             .collect();
         println!(
-            "done {secs:.2} {} from={}",
+            "done {secs:.2} {} from={} tl={}",
             stats.bytes_transferred,
-            from.join(",")
+            from.join(","),
+            tl.join(",")
         );
         // Keep serving the others until the parent is done.
         tokio::task::spawn_blocking(wait_for_eof).await.unwrap();

@@ -8,10 +8,15 @@
 //! memory and added complete; large ones stream into the store through `Remote::fetch`,
 //! which resumes from what is already local.
 //!
+//! Who holds what: every fetcher serves its have-state (`have.rs`) and subscribes to every
+//! provider's, so a fellow fetcher is asked only for parts it holds (the rarest first) and a
+//! seed only for parts no fellow holds (this node's region first). Each part is announced
+//! as soon as it is stored, so a fellow passes it on while its request is still running.
+//!
 //! Failures: a part whose request fails or times out goes back for another provider; a
 //! provider that sends data that does not verify is dropped at once; one that fails
-//! repeatedly is dropped; one that lacks a part (it is still fetching) is paused briefly
-//! and asked where it fetches first (see `Swarm::fetch_set`).
+//! repeatedly is dropped; one that lacks a part anyway (a provider without have-state, or
+//! a race with its gc) is paused briefly, doubling on repeats.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +35,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::error::{is_disk_full_msg, FetchError};
+use crate::have::{HaveBits, HaveEvent};
 use crate::manifest::{Image, Manifest, MAX_HASH_SEQ_SIZE, MAX_MANIFEST_SIZE};
 use crate::store::{tag_name, ImageStore, Progress};
 
@@ -141,11 +147,13 @@ impl ImageStore {
                 None => {
                     let (tx, rx) = watch::channel(FetchState::Running(Progress::default()));
                     map.insert(hash, rx.clone());
+                    let (have_tx, have_rx) = watch::channel(None);
+                    self.inner.haves.lock().unwrap_or_else(|e| e.into_inner()).insert(hash, have_rx);
                     let me = self.clone();
                     let span = info_span!("image_fetch", image = %hash.fmt_short());
                     tokio::spawn(
                         async move {
-                            let res = me.fetch_inner(hash, providers, &tx).await;
+                            let res = me.fetch_inner(hash, providers, &tx, have_tx).await;
                             if let Err(e) = &res {
                                 warn!("fetch failed: {e}");
                             }
@@ -154,6 +162,7 @@ impl ImageStore {
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .remove(&hash);
+                            me.inner.haves.lock().unwrap_or_else(|e| e.into_inner()).remove(&hash);
                             tx.send_replace(FetchState::Done(res));
                         }
                         .instrument(span),
@@ -188,6 +197,7 @@ impl ImageStore {
         hash: Hash,
         providers: Vec<EndpointAddr>,
         tx: &watch::Sender<FetchState>,
+        have_tx: watch::Sender<Option<HaveBits>>,
     ) -> Result<FetchStats, FetchError> {
         let _op = self.inner.op_lock.read().await;
         let start = Instant::now();
@@ -197,7 +207,7 @@ impl ImageStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(hash);
-        let res = self.fetch_phases(hash, providers, tx, start).await;
+        let res = self.fetch_phases(hash, providers, tx, have_tx, start).await;
         self.inner
             .gc
             .protected
@@ -225,14 +235,15 @@ impl ImageStore {
         hash: Hash,
         providers: Vec<EndpointAddr>,
         tx: &watch::Sender<FetchState>,
+        have_tx: watch::Sender<Option<HaveBits>>,
         start: Instant,
     ) -> Result<FetchStats, FetchError> {
         let bad = |reason: String| FetchError::BadImage { hash, reason };
-        let mut swarm = Swarm::new(self.clone(), hash, providers, tx.clone());
+        let mut swarm = Swarm::new(self.clone(), hash, providers, tx.clone(), have_tx);
         // 1. Root, manifest and chunk list (small), then validate before pinning.
-        swarm.fetch_set(vec![hash]).await?;
+        swarm.fetch_set(vec![hash], false).await?;
         let root = self.read_root(hash).await.map_err(bad)?;
-        swarm.fetch_set(vec![root[0]]).await?;
+        swarm.fetch_set(vec![root[0]], false).await?;
         let mbytes = self
             .read_small(root[0], MAX_MANIFEST_SIZE)
             .await
@@ -242,7 +253,7 @@ impl ImageStore {
         let mut expected: HashSet<Hash> = manifest.direct_parts().into_iter().collect();
         if let Image::Bundle(b) = manifest.image() {
             if let Some(d) = &b.disk {
-                swarm.fetch_set(vec![d.chunks]).await?;
+                swarm.fetch_set(vec![d.chunks], false).await?;
                 let cb = self
                     .read_small(d.chunks, MAX_HASH_SEQ_SIZE)
                     .await
@@ -277,7 +288,7 @@ impl ImageStore {
         swarm.total = manifest.parts_size() + mbytes.len() as u64 + (root.len() * 32) as u64;
         // 2. Every part, from every provider.
         let parts: Vec<Hash> = root[1..].to_vec();
-        swarm.fetch_set(parts).await?;
+        swarm.fetch_set(parts, true).await?;
         if !self.is_complete(hash).await {
             return Err(bad(
                 "image is still incomplete after fetching every part".into()
@@ -336,15 +347,28 @@ impl ImageStore {
     }
 }
 
+/// What a provider holds of the parts being fetched, as far as this node knows.
+#[derive(Debug, Clone)]
+enum Have {
+    /// Its have subscription has not answered yet.
+    Pending,
+    /// No have information (it does not speak the have protocol, or the subscription
+    /// failed, or the set being fetched is not the image's parts): treated as a seed, and
+    /// paused when it lacks something.
+    Unknown,
+    /// Holds the whole image.
+    All,
+    /// Neither holds nor fetches the image: not asked.
+    Nothing,
+    /// Fetching; holds these parts.
+    Bits(HaveBits),
+}
+
 struct ProviderState {
     addr: EndpointAddr,
     conn: Option<Connection>,
     inflight: usize,
-    /// When it first lacked a part: from then on it counts as fetching too (see
-    /// `fetch_set`).
-    partial_since: Option<Instant>,
-    /// Some request to it has ended (served, lacked or failed).
-    answered: bool,
+    have: Have,
     /// Not asked again before this (it lacked a part); `pause` is the current length.
     paused_until: Instant,
     pause: Duration,
@@ -353,13 +377,6 @@ struct ProviderState {
     dropped: Option<String>,
     bytes: u64,
     parts: u64,
-}
-
-impl ProviderState {
-    /// Lacked a part at least once.
-    fn partial(&self) -> bool {
-        self.partial_since.is_some()
-    }
 }
 
 enum Outcome {
@@ -386,11 +403,17 @@ struct Swarm {
     hash: Hash,
     providers: Vec<ProviderState>,
     tx: watch::Sender<FetchState>,
+    /// This node's have-state of the image's parts, served to fellow fetchers.
+    have_tx: watch::Sender<Option<HaveBits>>,
     transferred: Arc<AtomicU64>,
     local_done: u64,
     total: u64,
     already_local: usize,
 }
+
+/// How long the first requests to seeds wait for every have subscription to answer, so
+/// that fetchers starting together know each other before splitting the work.
+const HAVE_WAIT: Duration = Duration::from_secs(1);
 
 impl Swarm {
     fn new(
@@ -398,6 +421,7 @@ impl Swarm {
         hash: Hash,
         mut addrs: Vec<EndpointAddr>,
         tx: watch::Sender<FetchState>,
+        have_tx: watch::Sender<Option<HaveBits>>,
     ) -> Self {
         // One entry per endpoint; order shuffled so that many fetchers spread their load.
         let mut seen = HashSet::new();
@@ -409,8 +433,7 @@ impl Swarm {
                 addr,
                 conn: None,
                 inflight: 0,
-                partial_since: None,
-                answered: false,
+                have: Have::Unknown,
                 paused_until: Instant::now(),
                 pause: Duration::ZERO,
                 failures: 0,
@@ -425,6 +448,7 @@ impl Swarm {
             hash,
             providers,
             tx,
+            have_tx,
             transferred: Arc::new(AtomicU64::new(0)),
             local_done: 0,
             total: 0,
@@ -446,11 +470,12 @@ impl Swarm {
         self.providers
             .iter()
             .map(|p| {
-                format!(
-                    "{}: {}",
-                    p.addr.id.fmt_short(),
-                    p.dropped.as_deref().unwrap_or("lacked parts")
-                )
+                let why = match (&p.dropped, &p.have) {
+                    (Some(d), _) => d.as_str(),
+                    (None, Have::Nothing) => "neither holds nor fetches the image",
+                    (None, _) => "lacked parts",
+                };
+                format!("{}: {why}", p.addr.id.fmt_short())
             })
             .collect::<Vec<_>>()
             .join("; ")
@@ -485,23 +510,29 @@ impl Swarm {
 
     /// Fetches every hash in `hashes` that is not complete locally.
     ///
-    /// Parts are handed out by index. This node and the providers that are fetching too (they
-    /// lacked a part) split the parts into equal regions, in id order, so every fetcher
-    /// computes the same ones without talking. A provider that has everything (a seed, until
-    /// it lacks something) is asked for this node's own region; a fellow fetcher is asked for
-    /// its region, which it fetches first, so what it just received is passed on at once.
-    /// A provider that lacks a part is paused briefly (doubling on repeats), not dropped.
-    async fn fetch_set(&mut self, hashes: Vec<Hash>) -> Result<(), FetchError> {
+    /// With `share` (the image's parts, in the root's order), this node serves its have-state
+    /// to fellow fetchers and subscribes to every provider's: a fellow fetcher is asked only
+    /// for parts it holds, its own region first (what it just got from a seed, which nobody
+    /// else has yet); a seed is asked only for parts no fellow holds, this node's region
+    /// first. Regions are equal splits of the parts among this node and the fellow fetchers,
+    /// in id order, so every fetcher computes the same ones without talking. Without `share`
+    /// (the root, manifest and chunk list), every provider is asked as a seed.
+    async fn fetch_set(&mut self, parts: Vec<Hash>, share: bool) -> Result<(), FetchError> {
         let hash = self.hash;
         let store = self.images.inner.store.clone();
-        let mut parts = Vec::new();
-        for h in hashes {
-            match store.blobs().status(h).await {
+        let n = parts.len();
+        let mut need: BTreeSet<usize> = BTreeSet::new();
+        let mut mine = HaveBits::new(n as u32);
+        for (i, h) in parts.iter().enumerate() {
+            match store.blobs().status(*h).await {
                 Ok(BlobStatus::Complete { size }) => {
                     self.already_local += 1;
                     self.local_done += size;
+                    mine.set(i as u32);
                 }
-                Ok(_) => parts.push(h),
+                Ok(_) => {
+                    need.insert(i);
+                }
                 Err(e) => {
                     return Err(FetchError::Store {
                         hash,
@@ -510,18 +541,39 @@ impl Swarm {
                 }
             }
         }
-        if parts.is_empty() {
+        if share {
+            self.have_tx.send_replace(Some(mine));
+        }
+        if need.is_empty() {
             return Ok(());
         }
         if self.providers.is_empty() {
             return Err(FetchError::NoProviders(hash));
         }
-        let n = parts.len();
         let opts = self.images.inner.opts.fetch.clone();
         let endpoint = self.images.inner.endpoint.clone();
         self.connect_all(&endpoint, &opts).await;
         let me = endpoint.id();
-        let mut need: BTreeSet<usize> = (0..n).collect();
+        // Have subscriptions, for the life of this call.
+        let (have_events, mut have_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut subs = JoinSet::new();
+        for (i, p) in self.providers.iter_mut().enumerate() {
+            p.have = Have::Unknown;
+            if share && p.dropped.is_none() {
+                p.have = Have::Pending;
+                subs.spawn(crate::have::subscribe(
+                    endpoint.clone(),
+                    p.addr.clone(),
+                    i,
+                    hash,
+                    n as u32,
+                    opts.connect_timeout,
+                    have_events.clone(),
+                ));
+            }
+        }
+        drop(have_events);
+        let started = Instant::now();
         // Parts found too large to receive in memory: fetched one per request, streaming.
         let mut large: HashSet<usize> = HashSet::new();
         let mut tasks: JoinSet<BatchResult> = JoinSet::new();
@@ -535,97 +587,90 @@ impl Swarm {
         let max_pause = opts.missing_retry * 8;
         loop {
             let now = Instant::now();
+            // Fellow fetchers: with this node, in id order, they split the parts into
+            // regions.
+            let mut ring: Vec<EndpointId> = self
+                .providers
+                .iter()
+                .filter(|q| q.dropped.is_none() && matches!(q.have, Have::Bits(_)))
+                .map(|q| q.addr.id)
+                .collect();
+            ring.push(me);
+            ring.sort_unstable();
+            let region_of = |id: &EndpointId| -> std::ops::Range<usize> {
+                if ring.len() == 1 {
+                    // Alone (so far): start at a place of our own, so that fetchers that do
+                    // not know each other yet do not all ask a seed for the same parts.
+                    let o = offset(id, &hash, n);
+                    return o..o + n;
+                }
+                let k = ring.iter().position(|x| x == id).unwrap_or(0);
+                k * n / ring.len()..(k + 1) * n / ring.len()
+            };
+            let waiting = share
+                && now.duration_since(started) < HAVE_WAIT
+                && self.providers.iter().any(|q| q.dropped.is_none() && matches!(q.have, Have::Pending));
+            // Requests in flight per provider. With fellow fetchers about, a seed gets two, so
+            // its uplink is not split among more streams than needed and each part arrives
+            // (and can be passed on) sooner.
+            let slots = |q: &ProviderState| match q.have {
+                Have::All | Have::Unknown if ring.len() > 1 => opts.per_provider.min(2),
+                _ => opts.per_provider,
+            };
             // Hand out runs of parts to providers with free slots, least busy first.
+            let mut idle: HashSet<usize> = HashSet::new();
             while !need.is_empty() {
-                // Who fetches this image too, as far as this node can tell: providers that
-                // lacked a part and have served one, or lacked one only lately. With this
-                // node, in id order, they split the parts into equal regions; each fetches
-                // its region from seeds first, and the others take it from them.
-                let fetching = |q: &ProviderState| {
-                    q.dropped.is_none()
-                        && q.partial_since
-                            .is_some_and(|t| q.parts > 0 || now.duration_since(t) < IDLE_AFTER)
-                };
-                let mut ring: Vec<EndpointId> = self
-                    .providers
-                    .iter()
-                    .filter(|q| fetching(q))
-                    .map(|q| q.addr.id)
-                    .collect();
-                ring.push(me);
-                ring.sort_unstable();
-                // Alone (so far), start at a place of our own so that fetchers starting
-                // together do not all ask a seed for the same first parts.
-                let start_of = |id: &EndpointId| {
-                    if ring.len() == 1 {
-                        return Some(offset(id, &hash, n));
-                    }
-                    ring.iter()
-                        .position(|x| x == id)
-                        .map(|k| k * n / ring.len())
-                };
-                // Until every provider has answered once, nobody knows the regions yet: one
-                // request per seed. A fetching provider has little to give: one request.
-                let learning = self
-                    .providers
-                    .iter()
-                    .any(|q| q.dropped.is_none() && !q.answered);
-                let slots = |q: &ProviderState| {
-                    if q.partial() || learning {
-                        1
-                    } else {
-                        opts.per_provider
-                    }
-                };
                 let Some(p) = (0..self.providers.len())
                     .filter(|i| {
                         let pr = &self.providers[*i];
-                        pr.dropped.is_none() && pr.inflight < slots(pr) && pr.paused_until <= now
+                        pr.dropped.is_none()
+                            && !idle.contains(i)
+                            && pr.inflight < slots(pr)
+                            && pr.paused_until <= now
+                            && match pr.have {
+                                Have::Bits(_) => true,
+                                Have::All | Have::Unknown => !waiting,
+                                Have::Pending | Have::Nothing => false,
+                            }
                     })
                     .min_by_key(|i| (self.providers[*i].inflight, self.providers[*i].failures))
                 else {
                     break;
                 };
-                let (batch, stolen) = if self.providers[p].partial() {
-                    let id = self.providers[p].addr.id;
-                    (
-                        pick_from(
-                            &need,
-                            &large,
-                            start_of(&id).unwrap_or_else(|| offset(&id, &hash, n)),
-                            opts.batch,
-                        ),
+                let fellows: Vec<&HaveBits> = self
+                    .providers
+                    .iter()
+                    .filter(|q| q.dropped.is_none())
+                    .filter_map(|q| match &q.have {
+                        Have::Bits(b) => Some(b),
+                        _ => None,
+                    })
+                    .collect();
+                let (batch, stolen) = match &self.providers[p].have {
+                    Have::Bits(theirs) => (
+                        pick_from_fellow(&need, &large, theirs, &fellows, opts.batch),
                         false,
-                    )
-                } else {
-                    let mine = start_of(&me).unwrap_or(0);
-                    let others: Vec<usize> = ring
-                        .iter()
-                        .filter(|id| **id != me)
-                        .filter_map(start_of)
-                        .collect();
-                    // Help with others' regions only while none of them has anything for us,
-                    // one request at a time: a seed's uplink is the scarcest thing here.
-                    let may_steal = steals.is_empty()
-                        && own_requests.is_empty()
-                        && self
-                            .providers
+                    ),
+                    _ => {
+                        let others: Vec<std::ops::Range<usize>> = ring
                             .iter()
-                            .filter(|q| fetching(q))
-                            .all(|q| q.paused_until > now);
-                    // While learning, one part per request: little is wasted if the regions
-                    // turn out different.
-                    let max = if learning { 1 } else { opts.batch };
-                    pick_for_seed(&need, &large, n, mine, &others, max, may_steal)
+                            .filter(|id| **id != me)
+                            .map(&region_of)
+                            .collect();
+                        // Help with others' regions only once ours is done, one request at
+                        // a time: a seed's uplink is the scarcest thing here.
+                        let may_steal = steals.is_empty() && own_requests.is_empty();
+                        pick_from_seed(&need, &large, &fellows, n, region_of(&me), &others, opts.batch, may_steal)
+                    }
                 };
                 if batch.is_empty() {
                     // Nothing for this provider now; others may still have work.
-                    self.providers[p].paused_until = now + opts.missing_retry;
+                    idle.insert(p);
                     continue;
                 }
                 if stolen {
                     steals.insert(batch[0]);
-                } else if !self.providers[p].partial() {
+                } else if !matches!(self.providers[p].have, Have::Bits(_)) {
                     own_requests.insert(batch[0]);
                 }
                 for i in &batch {
@@ -641,14 +686,30 @@ impl Swarm {
                 let opts = opts.clone();
                 let hashes: Vec<Hash> = batch.iter().map(|i| parts[*i]).collect();
                 let single = large.contains(&batch[0]);
+                // Each part is announced to fellow fetchers as soon as it is stored, not when
+                // the whole request ends: they forward it meanwhile.
+                let have_tx = share.then(|| self.have_tx.clone());
+                let indices = batch.clone();
+                let stored = move |k: usize| {
+                    if let (Some(tx), Some(&i)) = (&have_tx, indices.get(k)) {
+                        tx.send_modify(|b| {
+                            if let Some(b) = b {
+                                b.set(i as u32);
+                            }
+                        });
+                    }
+                };
                 tasks.spawn(async move {
                     let (conn, done) = if single {
                         let (conn, outcome) =
                             fetch_one(&endpoint, &store, addr, conn, hashes[0], &counter, &opts)
                                 .await;
+                        if matches!(outcome, Outcome::Complete { .. }) {
+                            stored(0);
+                        }
                         (conn, vec![(hashes[0], outcome)])
                     } else {
-                        fetch_batch(&endpoint, &store, addr, conn, hashes, &counter, &opts).await
+                        fetch_batch(&endpoint, &store, addr, conn, hashes, &counter, &opts, &stored).await
                     };
                     (p, conn, done, batch)
                 });
@@ -677,7 +738,6 @@ impl Swarm {
                     };
                     let prov = &mut self.providers[p];
                     prov.inflight -= 1;
-                    prov.answered = true;
                     if conn.is_some() {
                         prov.conn = conn;
                     }
@@ -704,7 +764,6 @@ impl Swarm {
                             Outcome::Lacked => {
                                 prov.lacked += 1;
                                 debug!(provider = %prov.addr.id.fmt_short(), part = %h.fmt_short(), "provider lacks part");
-                                prov.partial_since.get_or_insert_with(Instant::now);
                                 prov.pause = (prov.pause * 2).clamp(opts.missing_retry, max_pause);
                                 prov.paused_until = Instant::now() + prov.pause;
                                 need.insert(i);
@@ -738,6 +797,26 @@ impl Swarm {
                     need.extend(idx);
                     self.publish();
                 }
+                Some((p, ev)) = have_rx.recv() => {
+                    let prov = &mut self.providers[p];
+                    match ev {
+                        HaveEvent::All => prov.have = Have::All,
+                        HaveEvent::None => prov.have = Have::Nothing,
+                        HaveEvent::Bits(b) => prov.have = Have::Bits(b),
+                        HaveEvent::Parts(added) => {
+                            if let Have::Bits(b) = &mut prov.have {
+                                for i in added {
+                                    b.set(i);
+                                }
+                            }
+                        }
+                        HaveEvent::Unknown(why) => {
+                            debug!(provider = %prov.addr.id.fmt_short(), "no have information: {why}");
+                            // What it had is stale; as a seed it is paused where it lacks.
+                            prov.have = Have::Unknown;
+                        }
+                    }
+                }
                 _ = ticker.tick() => {
                     // Bytes still arriving (a large part streaming) count as progress.
                     let b = self.transferred.load(Ordering::Relaxed);
@@ -749,6 +828,7 @@ impl Swarm {
                 }
             }
         }
+        subs.shutdown().await;
         Ok(())
     }
 
@@ -765,97 +845,95 @@ impl Swarm {
     }
 }
 
-/// Up to `max` needed parts from `start` on (wrapping once), ascending; a large part goes
-/// alone.
-fn pick_from(
+/// Up to `max` needed parts for which `ok` holds, from `start` to `end` (indices taken
+/// modulo `n`, so a region may wrap), ascending within each run; a large part goes alone.
+fn pick_run(
     need: &BTreeSet<usize>,
     large: &HashSet<usize>,
-    start: usize,
+    region: std::ops::Range<usize>,
+    n: usize,
     max: usize,
+    ok: impl Fn(usize) -> bool,
 ) -> Vec<usize> {
-    let Some(&first) = need.range(start..).next().or_else(|| need.iter().next()) else {
-        return Vec::new();
-    };
-    let mut batch = vec![first];
-    if !large.contains(&first) {
-        batch.extend(
-            need.range(first + 1..)
-                .copied()
-                .take_while(|i| !large.contains(i))
-                .take(max.saturating_sub(1)),
-        );
+    let mut batch = Vec::new();
+    for seg in segments(region, n) {
+        for i in need.range(seg).copied().filter(|i| ok(*i)) {
+            if large.contains(&i) {
+                if batch.is_empty() {
+                    return vec![i];
+                }
+                return batch;
+            }
+            batch.push(i);
+            if batch.len() >= max {
+                return batch;
+            }
+        }
+        if !batch.is_empty() {
+            return batch;
+        }
     }
     batch
 }
 
-/// The circular region `[from, to)` of `0..n` as one or two ascending ranges.
-fn segments(from: usize, to: usize, n: usize) -> Vec<std::ops::Range<usize>> {
-    let mut v = Vec::with_capacity(2);
-    if from < to {
-        v.push(from..to);
+/// `region` (its end may pass `n`, meaning it wraps) as at most two ascending ranges.
+fn segments(region: std::ops::Range<usize>, n: usize) -> Vec<std::ops::Range<usize>> {
+    let (s, e) = (region.start.min(n), region.end);
+    if e <= n {
+        vec![s..e]
     } else {
-        v.push(from..n);
-        v.push(0..to);
+        vec![s..n, 0..(e - n).min(s)]
     }
-    v
 }
 
-/// What to ask a seed (a provider with everything) for, and whether it is for another's
-/// region. This fetcher owns the region from its offset `me` to the next offset of a
-/// fetcher in `others`; parts there come from a seed, parts in others' regions from their
-/// owners, who fetch them first. Once its own region is done or in flight, and if
-/// `may_steal`, it helps with the region that has most left, from its back (its owner works
-/// from the front). With no known fetchers, everything is its region.
-fn pick_for_seed(
+/// What to ask a fellow fetcher for: parts it holds, the rarest first (held by the fewest
+/// fellows: at first what it just got from a seed, which nobody else has; later whatever
+/// spreads the load over every holder), ascending among equals.
+fn pick_from_fellow(
     need: &BTreeSet<usize>,
     large: &HashSet<usize>,
+    theirs: &HaveBits,
+    fellows: &[&HaveBits],
+    max: usize,
+) -> Vec<usize> {
+    let n = theirs.len() as usize;
+    let holders = |i: usize| fellows.iter().filter(|b| b.has(i)).count();
+    let Some(rarest) = need.iter().filter(|i| theirs.has(**i)).map(|i| holders(*i)).min() else {
+        return Vec::new();
+    };
+    pick_run(need, large, 0..n, n, max, |i| theirs.has(i) && holders(i) == rarest)
+}
+
+/// What to ask a seed for, and whether it is for another's region: parts no fellow holds,
+/// this node's region first, from its front. Once that is done or in flight, and if
+/// `may_steal`, it helps with the region that has most left, from its back (its owner works
+/// from the front).
+fn pick_from_seed(
+    need: &BTreeSet<usize>,
+    large: &HashSet<usize>,
+    fellows: &[&HaveBits],
     n: usize,
-    me: usize,
-    others: &[usize],
+    mine: std::ops::Range<usize>,
+    others: &[std::ops::Range<usize>],
     max: usize,
     may_steal: bool,
 ) -> (Vec<usize>, bool) {
-    let mut bounds: Vec<usize> = others.iter().copied().filter(|o| *o != me).collect();
-    bounds.push(me);
-    bounds.sort_unstable();
-    bounds.dedup();
-    let next = |b: usize| bounds.iter().copied().find(|x| *x > b).unwrap_or(bounds[0]);
-    let region = |b: usize| {
-        if bounds.len() == 1 {
-            segments(b, b, n)
-        } else {
-            segments(b, next(b), n)
-        }
-    };
-    // Own region, from its front.
-    for seg in region(me) {
-        if let Some(&first) = need.range(seg.clone()).next() {
-            let mut batch = vec![first];
-            if !large.contains(&first) {
-                batch.extend(
-                    need.range(first + 1..seg.end)
-                        .copied()
-                        .take_while(|i| !large.contains(i))
-                        .take(max.saturating_sub(1)),
-                );
-            }
-            return (batch, false);
-        }
+    let nobody_else = |i: usize| !fellows.iter().any(|b| b.has(i));
+    let batch = pick_run(need, large, mine, n, max, nobody_else);
+    if !batch.is_empty() || !may_steal {
+        return (batch, false);
     }
-    if !may_steal {
-        return (Vec::new(), false);
-    }
-    // The region with most left, from its back.
-    let Some(b) = bounds.iter().copied().filter(|b| *b != me).max_by_key(|b| {
-        region(*b)
+    let left = |r: &std::ops::Range<usize>| {
+        segments(r.clone(), n)
             .into_iter()
-            .map(|seg| need.range(seg).count())
+            .map(|seg| need.range(seg).filter(|i| nobody_else(**i)).count())
             .sum::<usize>()
-    }) else {
+    };
+    let Some(r) = others.iter().filter(|r| left(r) > 0).max_by_key(|r| left(r)) else {
         return (Vec::new(), false);
     };
-    for seg in region(b).into_iter().rev() {
-        if let Some(&last) = need.range(seg.clone()).next_back() {
+    for seg in segments(r.clone(), n).into_iter().rev() {
+        if let Some(last) = need.range(seg.clone()).rev().copied().find(|i| nobody_else(*i)) {
             if large.contains(&last) {
                 return (vec![last], true);
             }
@@ -864,6 +942,7 @@ fn pick_for_seed(
                 .range(seg.start..=last)
                 .rev()
                 .copied()
+                .filter(|i| nobody_else(*i))
                 .take_while(|i| !large.contains(i))
                 .take(max.min(4))
                 .collect();
@@ -874,11 +953,8 @@ fn pick_for_seed(
     (Vec::new(), false)
 }
 
-/// A provider that lacked parts but has served none for this long is taken as not fetching
-/// (a member that does not want this image): it owns no region.
-const IDLE_AFTER: Duration = Duration::from_secs(20);
-
-/// Where in a part list of length `n` the fetcher `id` starts for image `image`.
+/// Where in a part list of length `n` the fetcher `id` starts for image `image` while it
+/// knows of no fellow fetcher.
 fn offset(id: &EndpointId, image: &Hash, n: usize) -> usize {
     let mut h = blake3::Hasher::new();
     h.update(id.as_bytes());
@@ -886,7 +962,7 @@ fn offset(id: &EndpointId, image: &Hash, n: usize) -> usize {
     let b = h.finalize();
     let mut x = [0u8; 8];
     x.copy_from_slice(&b.as_bytes()[..8]);
-    (u64::from_le_bytes(x) % n as u64) as usize
+    (u64::from_le_bytes(x) % n.max(1) as u64) as usize
 }
 
 /// The cached connection if it is still open, else a new one.
@@ -924,6 +1000,7 @@ async fn fetch_batch(
     hashes: Vec<Hash>,
     counter: &AtomicU64,
     opts: &FetchOptions,
+    stored: &(dyn Fn(usize) + Send + Sync),
 ) -> (Option<Connection>, Vec<(Hash, Outcome)>) {
     use iroh_blobs::get::fsm::{self, BlobContentNext, DecodeError, EndBlobNext};
     use iroh_blobs::protocol::{ChunkRangesSeq, GetManyRequest};
@@ -1019,6 +1096,9 @@ async fn fetch_batch(
                 Err(e) => Outcome::Failed(local_store_failure(&e)),
             };
             let stop = !matches!(outcome, Outcome::Complete { .. });
+            if !stop {
+                stored(done.len());
+            }
             done.push((hash, outcome));
             if stop {
                 return;
@@ -1172,54 +1252,67 @@ mod tests {
         r.collect()
     }
 
+    fn bits(n: u32, held: impl IntoIterator<Item = u32>) -> HaveBits {
+        let mut b = HaveBits::new(n);
+        for i in held {
+            b.set(i);
+        }
+        b
+    }
+
     #[test]
     fn alone_everything_is_ours_from_our_offset() {
         let need = set(0..100);
-        let (b, stolen) = pick_for_seed(&need, &HashSet::new(), 100, 90, &[], 16, false);
-        assert_eq!(
-            b,
-            (90..100).collect::<Vec<_>>(),
-            "ascending from our offset, not past the end"
-        );
+        let (b, stolen) = pick_from_seed(&need, &HashSet::new(), &[], 100, 90..190, &[], 16, false);
+        assert_eq!(b, (90..100).collect::<Vec<_>>(), "ascending from our offset, not past the end");
         assert!(!stolen);
         let need: BTreeSet<usize> = (0..10).collect();
-        let (b, _) = pick_for_seed(&need, &HashSet::new(), 100, 90, &[], 4, false);
+        let (b, _) = pick_from_seed(&need, &HashSet::new(), &[], 100, 90..190, &[], 4, false);
         assert_eq!(b, vec![0, 1, 2, 3], "wraps around to the start");
     }
 
     #[test]
-    fn own_region_first_then_steal_from_the_back_only_when_allowed() {
-        // Regions: me [0,25), others at 25, 50, 75.
+    fn a_seed_is_asked_only_for_what_no_fellow_holds() {
+        // Regions: me [0,25), others [25,50), [50,75), [75,100).
+        let others = [25..50, 50..75, 75..100];
         let mut need = set(0..100);
-        let (b, stolen) = pick_for_seed(&need, &HashSet::new(), 100, 0, &[25, 50, 75], 16, true);
-        assert_eq!((b, stolen), ((0..16).collect(), false));
-        for i in 0..25 {
+        let fellow = bits(100, [0, 1, 2, 5]);
+        let (b, stolen) = pick_from_seed(&need, &HashSet::new(), &[&fellow], 100, 0..25, &others, 4, true);
+        assert_eq!((b, stolen), (vec![3, 4, 6, 7], false));
+        for i in 0..40 {
             need.remove(&i);
         }
-        for i in 25..40 {
-            need.remove(&i);
-        }
-        let (b, _) = pick_for_seed(&need, &HashSet::new(), 100, 0, &[25, 50, 75], 16, false);
-        assert!(
-            b.is_empty(),
-            "own region done and stealing not allowed: nothing"
-        );
-        // Regions 50 and 75 have 25 left each, 25 has 10: the first with most left, from its back.
-        let (b, stolen) = pick_for_seed(&need, &HashSet::new(), 100, 0, &[25, 50, 75], 16, true);
+        let (b, _) = pick_from_seed(&need, &HashSet::new(), &[&fellow], 100, 0..25, &others, 16, false);
+        assert!(b.is_empty(), "own region done and stealing not allowed: nothing");
+        // Regions 2 and 3 have 25 left each, region 1 has 10: the first with most left, from
+        // its back, skipping what a fellow holds.
+        let fellow = bits(100, [74, 99]);
+        let (b, stolen) = pick_from_seed(&need, &HashSet::new(), &[&fellow], 100, 0..25, &others, 16, true);
         assert!(stolen);
-        assert!(
-            b == vec![71, 72, 73, 74] || b == vec![96, 97, 98, 99],
-            "{b:?}"
-        );
+        assert!(b == vec![70, 71, 72, 73] || b == vec![95, 96, 97, 98], "{b:?}");
+    }
+
+    #[test]
+    fn a_fellow_is_asked_for_what_it_holds_the_rarest_first() {
+        let need = set(0..100);
+        let theirs = bits(100, [3, 4, 60, 61, 62, 90]);
+        let other = bits(100, [3, 4, 90]);
+        let fellows = [&theirs, &other];
+        assert_eq!(pick_from_fellow(&need, &HashSet::new(), &theirs, &fellows, 16), vec![60, 61, 62]);
+        assert_eq!(pick_from_fellow(&need, &HashSet::new(), &theirs, &fellows, 2), vec![60, 61]);
+        let need: BTreeSet<usize> = [3, 4, 90].into_iter().collect();
+        assert_eq!(pick_from_fellow(&need, &HashSet::new(), &theirs, &fellows, 16), vec![3, 4, 90]);
+        assert!(pick_from_fellow(&set(5..60), &HashSet::new(), &theirs, &fellows, 16).is_empty());
     }
 
     #[test]
     fn a_large_part_goes_alone() {
         let need = set(0..10);
         let large: HashSet<usize> = [3].into_iter().collect();
-        assert_eq!(pick_from(&need, &large, 0, 16), vec![0, 1, 2]);
-        assert_eq!(pick_from(&need, &large, 3, 16), vec![3]);
-        let (b, _) = pick_for_seed(&need, &large, 10, 3, &[], 16, false);
+        let all = |_| true;
+        assert_eq!(pick_run(&need, &large, 0..10, 10, 16, all), vec![0, 1, 2]);
+        assert_eq!(pick_run(&need, &large, 3..13, 10, 16, all), vec![3]);
+        let (b, _) = pick_from_seed(&need, &large, &[], 10, 3..13, &[], 16, false);
         assert_eq!(b, vec![3]);
     }
 

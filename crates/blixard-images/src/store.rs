@@ -184,6 +184,8 @@ pub(crate) struct Inner {
     pub(crate) opts: ImageStoreOptions,
     pub(crate) gc: Arc<GcControl>,
     pub(crate) fetches: Mutex<HashMap<Hash, watch::Receiver<FetchState>>>,
+    /// The have-state of fetches in progress, served on [`crate::HAVE_ALPN`].
+    pub(crate) haves: Mutex<HashMap<Hash, crate::have::HaveWatch>>,
     /// Adds, fetches and materialisations hold it shared; gc exclusively.
     pub(crate) op_lock: tokio::sync::RwLock<()>,
     pub(crate) mat_locks: Mutex<HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>,
@@ -243,6 +245,7 @@ impl ImageStore {
                 opts,
                 gc,
                 fetches: Mutex::new(HashMap::new()),
+                haves: Mutex::new(HashMap::new()),
                 op_lock: tokio::sync::RwLock::new(()),
                 mat_locks: Mutex::new(HashMap::new()),
             }),
@@ -256,6 +259,17 @@ impl ImageStore {
     /// store down.
     pub fn protocol_handler(&self) -> BlobsProtocol {
         BlobsProtocol::new(&self.inner.store, None)
+    }
+
+    /// The protocol handler telling fellow fetchers which parts of an image this node holds
+    /// while it fetches it, on [`crate::HAVE_ALPN`]. Wrap it in the member `Gate` too.
+    pub fn have_handler(&self) -> crate::have::HaveProtocol {
+        crate::have::HaveProtocol::new(self.clone())
+    }
+
+    /// The have-state of a fetch of `hash` in progress.
+    pub(crate) fn have_watch(&self, hash: Hash) -> Option<crate::have::HaveWatch> {
+        self.inner.haves.lock().unwrap_or_else(|e| e.into_inner()).get(&hash).cloned()
     }
 
     /// [`Self::protocol_handler`] that also counts the payload bytes it sends (a push's

@@ -373,7 +373,7 @@ impl Node {
             secret_key: key.clone(),
             listen,
             relay: cfg.relay.clone(),
-            alpns: alpn::ALL.iter().chain([&blixard_images::ALPN]).map(|a| a.to_vec()).collect(),
+            alpns: alpn::ALL.iter().chain([&blixard_images::ALPN, &blixard_images::HAVE_ALPN]).map(|a| a.to_vec()).collect(),
             lookup: Some(lookup.clone()),
         })
         .await?;
@@ -441,6 +441,7 @@ impl Node {
             .accept(alpn::CLIENT, Gate::new("client", clients, ClientService::new(ctx.clone())))
             .accept(alpn::JOIN, JoinService::new(ctx.clone()))
             .accept(blixard_images::ALPN, Gate::new("blobs", members.clone(), images.store.protocol_handler()))
+            .accept(blixard_images::HAVE_ALPN, Gate::new("image-have", members.clone(), images.store.have_handler()))
             .spawn();
 
         let mut tasks = vec![

@@ -61,9 +61,10 @@ fn unknown_keys_and_bad_tickets_are_refused() {
                 pool.call(&target.id, &target.addrs, &ClientRequest::Status, Duration::from_secs(5)).await;
             assert!(matches!(r, Err(RpcError::Refused { .. })), "{}: {r:?}", String::from_utf8_lossy(a));
         }
-        // Gossip and blobs sit behind the same gate: the handshake completes (the key is
-        // authenticated), then the connection is closed as unauthorised, unused.
-        for a in [alpn::GOSSIP, blixard_images::ALPN] {
+        // Gossip, blobs and the image have-state sit behind the same gate: the handshake
+        // completes (the key is authenticated), then the connection is closed as
+        // unauthorised, unused.
+        for a in [alpn::GOSSIP, blixard_images::ALPN, blixard_images::HAVE_ALPN] {
             let addr = blixard_mesh::endpoint_addr(&target.id, &target.addrs).expect("addr");
             let name = String::from_utf8_lossy(a).to_string();
             let conn = ep.connect(addr, a).await.expect("handshake");

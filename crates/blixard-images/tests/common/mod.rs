@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use blixard_images::{ImageStore, ImageStoreOptions, ALPN};
+use blixard_images::{ImageStore, ImageStoreOptions, ALPN, HAVE_ALPN};
 use iroh::endpoint::presets;
 use iroh::protocol::{ProtocolHandler, Router};
 use iroh::{Endpoint, EndpointAddr, RelayMode, SecretKey};
@@ -39,11 +39,11 @@ pub fn addr(ep: &Endpoint) -> EndpointAddr {
 
 pub async fn node_with(f: impl FnOnce(&mut ImageStoreOptions)) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let ep = endpoint(vec![ALPN.to_vec()]).await;
+    let ep = endpoint(vec![ALPN.to_vec(), HAVE_ALPN.to_vec()]).await;
     let mut opts = ImageStoreOptions::new(dir.path().join("images"));
     f(&mut opts);
     let images = ImageStore::open(ep.clone(), opts).await.unwrap();
-    let router = Router::builder(ep).accept(ALPN, images.protocol_handler()).spawn();
+    let router = Router::builder(ep).accept(ALPN, images.protocol_handler()).accept(HAVE_ALPN, images.have_handler()).spawn();
     Node { images, router, dir }
 }
 
