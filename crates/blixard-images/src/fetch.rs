@@ -411,6 +411,9 @@ struct Swarm {
     already_local: usize,
 }
 
+/// Parts per request while fellow fetchers are about (4 disk chunks: about 512 KiB).
+const SWARM_BATCH: usize = 4;
+
 /// How long the first requests to seeds wait for every have subscription to answer, so
 /// that fetchers starting together know each other before splitting the work.
 const HAVE_WAIT: Duration = Duration::from_secs(1);
@@ -613,10 +616,11 @@ impl Swarm {
             // Requests in flight per provider. With fellow fetchers about, a seed gets two, so
             // its uplink is not split among more streams than needed and each part arrives
             // (and can be passed on) sooner.
-            let slots = |q: &ProviderState| match q.have {
-                Have::All | Have::Unknown if ring.len() > 1 => opts.per_provider.min(2),
-                _ => opts.per_provider,
-            };
+            // With fellows about, fewer and shorter requests each: parts queued behind a busy
+            // uplink wait, while another holder might be idle.
+            let swarming = ring.len() > 1;
+            let slots = if swarming { opts.per_provider.min(2) } else { opts.per_provider };
+            let max_batch = if swarming { opts.batch.min(SWARM_BATCH) } else { opts.batch };
             // Hand out runs of parts to providers with free slots, least busy first.
             let mut idle: HashSet<usize> = HashSet::new();
             while !need.is_empty() {
@@ -625,7 +629,7 @@ impl Swarm {
                         let pr = &self.providers[*i];
                         pr.dropped.is_none()
                             && !idle.contains(i)
-                            && pr.inflight < slots(pr)
+                            && pr.inflight < slots
                             && pr.paused_until <= now
                             && match pr.have {
                                 Have::Bits(_) => true,
@@ -648,7 +652,7 @@ impl Swarm {
                     .collect();
                 let (batch, stolen) = match &self.providers[p].have {
                     Have::Bits(theirs) => (
-                        pick_from_fellow(&need, &large, theirs, &fellows, opts.batch),
+                        pick_from_fellow(&need, &large, theirs, &fellows, max_batch),
                         false,
                     ),
                     _ => {
@@ -660,7 +664,16 @@ impl Swarm {
                         // Help with others' regions only once ours is done, one request at
                         // a time: a seed's uplink is the scarcest thing here.
                         let may_steal = steals.is_empty() && own_requests.is_empty();
-                        pick_from_seed(&need, &large, &fellows, n, region_of(&me), &others, opts.batch, may_steal)
+                        match pick_from_seed(&need, &large, &fellows, n, region_of(&me), &others, max_batch, may_steal) {
+                            // Every part still needed is held by a fellow: the seed's uplink
+                            // is no longer needed to bring parts in, so it helps with the
+                            // rarest like a fellow (one request at a time).
+                            (b, _) if b.is_empty() && may_steal && swarming => {
+                                let all = HaveBits::full(n as u32);
+                                (pick_from_fellow(&need, &large, &all, &fellows, max_batch), true)
+                            }
+                            picked => picked,
+                        }
                     }
                 };
                 if batch.is_empty() {

@@ -94,6 +94,18 @@ impl HaveBits {
         Self { n, bits: vec![0; (n as usize).div_ceil(8)] }
     }
 
+    /// Every one of `n` parts.
+    pub fn full(n: u32) -> Self {
+        let mut b = Self::new(n);
+        b.bits.fill(0xff);
+        if n % 8 != 0 {
+            if let Some(last) = b.bits.last_mut() {
+                *last = (1u8 << (n % 8)) - 1;
+            }
+        }
+        b
+    }
+
     /// From a `Bits` message, if it is the bitmap of `n` parts.
     pub fn from_msg(n: u32, bits: Vec<u8>) -> Option<Self> {
         (bits.len() == (n as usize).div_ceil(8)).then_some(Self { n, bits })
@@ -349,6 +361,9 @@ mod tests {
         assert!(!b.set(20));
         assert_eq!(b.added_since(&a), vec![9, 19]);
         assert!(b.has(19) && !b.has(20) && !b.has(4));
+        let f = HaveBits::full(11);
+        assert!((0..11).all(|i| f.has(i)) && !f.has(11));
+        assert_eq!(f.added_since(&HaveBits::new(11)).len(), 11);
     }
 
     #[test]
