@@ -64,6 +64,16 @@ fn inline(o: &mut ImageStoreOptions) {
     }
 }
 
+/// CPU seconds (user + system) this process has used so far, from `/proc/self/stat`
+/// (fields 14 and 15, in clock ticks of 1/100 s on Linux).
+fn cpu_s() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The command name (field 2) may hold spaces: count from the closing parenthesis.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+}
+
 fn vm_hwm_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
@@ -125,13 +135,17 @@ async fn main() {
     };
     let addrs: Vec<String> = ep.bound_sockets().iter().map(|s| s.to_string()).collect();
 
+    let cpu0 = cpu_s();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["stream", &ep.id().to_string(), &addrs.join(","), &size.to_string()])
         .output()
         .unwrap();
     assert!(out.status.success(), "stream child failed: {}", String::from_utf8_lossy(&out.stderr));
-    let stream_s: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let stream_send_cpu = cpu_s() - cpu0;
+    let mut it = String::from_utf8_lossy(&out.stdout).split_whitespace().map(|v| v.parse::<f64>().unwrap()).collect::<Vec<_>>().into_iter();
+    let (stream_s, stream_recv_cpu) = (it.next().unwrap(), it.next().unwrap());
 
+    let cpu0 = cpu_s();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["fetch", &ep.id().to_string(), &addrs.join(","), &img.hash.to_string(), &w.join("b").to_string_lossy()])
         .output()
@@ -141,7 +155,10 @@ async fn main() {
     let field = |k: &str| -> f64 {
         child.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{k}="))).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
     };
+    // The provider's CPU over the child's whole life (it serves nothing after the fetch).
+    let fetch_send_cpu = cpu_s() - cpu0;
     let fetch_s = field("fetch_s");
+    let fetch_recv_cpu = field("fetch_cpu_s");
     let mat_s = field("materialise_s");
     let rss_fetch = field("rss_after_fetch_mib");
     let rss_all = field("rss_peak_mib");
@@ -156,6 +173,9 @@ async fn main() {
     println!("cp of the disk file:      {cp_s:.2} s ({:.0} MB/s)", mb / cp_s);
     println!("QUIC stream A->B, no store (the transport's ceiling): {stream_s:.2} s ({:.0} MB/s), ratio to cp = {:.2}", mb / stream_s, cp_s / stream_s);
     println!("fetch A->B (loopback):    {fetch_s:.2} s ({:.0} MB/s), ratio fetch/cp throughput = {:.2}", mb / fetch_s, cp_s / fetch_s);
+    println!(
+        "CPU seconds, sender + receiver: QUIC stream {stream_send_cpu:.2} + {stream_recv_cpu:.2}, fetch {fetch_send_cpu:.2} + {fetch_recv_cpu:.2} (2 cores here)"
+    );
     println!("materialise on B (reassemble disk + fsync): {mat_s:.2} s ({:.0} MB/s)", mb / mat_s);
     println!("peak RSS of the fetching process: {rss_fetch:.0} MiB after fetch, {rss_all:.0} MiB after materialise (budget 128 MiB)");
     let _ = router.shutdown().await;
@@ -189,7 +209,7 @@ async fn stream_child(args: &[String]) {
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(got, size);
     conn.close(0u32.into(), b"done");
-    println!("{secs:.3}");
+    println!("{secs:.3} {:.3}", cpu_s());
     ep.close().await;
 }
 
@@ -210,8 +230,10 @@ async fn fetch_child(args: &[String]) {
     inline(&mut opts);
     let b = ImageStore::open(ep.clone(), opts).await.unwrap();
     let t = Instant::now();
+    let cpu0 = cpu_s();
     let stats = b.fetch(hash, vec![addr], &|_p: Progress| {}).await.unwrap();
     let fetch_s = t.elapsed().as_secs_f64();
+    let fetch_cpu = cpu_s() - cpu0;
     let rss_fetch = vm_hwm_kib() as f64 / 1024.0;
     let t = Instant::now();
     let m = b.materialise(hash, &|_p: Progress| {}).await.unwrap();
@@ -219,7 +241,7 @@ async fn fetch_child(args: &[String]) {
     let Materialised::Bundle { disk, .. } = m else { panic!() };
     assert!(disk.is_some());
     println!(
-        "fetch_s={fetch_s:.3} materialise_s={mat_s:.3} bytes={} rss_after_fetch_mib={rss_fetch:.1} rss_peak_mib={:.1}",
+        "fetch_s={fetch_s:.3} fetch_cpu_s={fetch_cpu:.3} materialise_s={mat_s:.3} bytes={} rss_after_fetch_mib={rss_fetch:.1} rss_peak_mib={:.1}",
         stats.bytes_transferred,
         vm_hwm_kib() as f64 / 1024.0
     );
