@@ -650,9 +650,10 @@ impl Swarm {
                         _ => None,
                     })
                     .collect();
+                let wanted = Wanted { need: &need, large: &large, n };
                 let (batch, stolen) = match &self.providers[p].have {
                     Have::Bits(theirs) => (
-                        pick_from_fellow(&need, &large, theirs, &fellows, max_batch),
+                        pick_from_fellow(&wanted, theirs, &fellows, max_batch),
                         false,
                     ),
                     _ => {
@@ -664,13 +665,13 @@ impl Swarm {
                         // Help with others' regions only once ours is done, one request at
                         // a time: a seed's uplink is the scarcest thing here.
                         let may_steal = steals.is_empty() && own_requests.is_empty();
-                        match pick_from_seed(&need, &large, &fellows, n, region_of(&me), &others, max_batch, may_steal) {
+                        match pick_from_seed(&wanted, &fellows, region_of(&me), &others, max_batch, may_steal) {
                             // Every part still needed is held by a fellow: the seed's uplink
                             // is no longer needed to bring parts in, so it helps with the
                             // rarest like a fellow (one request at a time).
                             (b, _) if b.is_empty() && may_steal && swarming => {
                                 let all = HaveBits::full(n as u32);
-                                (pick_from_fellow(&need, &large, &all, &fellows, max_batch), true)
+                                (pick_from_fellow(&wanted, &all, &fellows, max_batch), true)
                             }
                             picked => picked,
                         }
@@ -722,7 +723,8 @@ impl Swarm {
                         }
                         (conn, vec![(hashes[0], outcome)])
                     } else {
-                        fetch_batch(&endpoint, &store, addr, conn, hashes, &counter, &opts, &stored).await
+                        let report = Report { bytes: &counter, stored: &stored };
+                        fetch_batch(&endpoint, &store, addr, conn, hashes, report, &opts).await
                     };
                     (p, conn, done, batch)
                 });
@@ -858,16 +860,19 @@ impl Swarm {
     }
 }
 
+/// What this node still needs of a part list of length `n`, and which of those parts are
+/// too large to receive in memory.
+#[derive(Clone, Copy)]
+struct Wanted<'a> {
+    need: &'a BTreeSet<usize>,
+    large: &'a HashSet<usize>,
+    n: usize,
+}
+
 /// Up to `max` needed parts for which `ok` holds, from `start` to `end` (indices taken
 /// modulo `n`, so a region may wrap), ascending within each run; a large part goes alone.
-fn pick_run(
-    need: &BTreeSet<usize>,
-    large: &HashSet<usize>,
-    region: std::ops::Range<usize>,
-    n: usize,
-    max: usize,
-    ok: impl Fn(usize) -> bool,
-) -> Vec<usize> {
+fn pick_run(w: &Wanted, region: std::ops::Range<usize>, max: usize, ok: impl Fn(usize) -> bool) -> Vec<usize> {
+    let Wanted { need, large, n } = *w;
     let mut batch = Vec::new();
     for seg in segments(region, n) {
         for i in need.range(seg).copied().filter(|i| ok(*i)) {
@@ -892,29 +897,25 @@ fn pick_run(
 /// `region` (its end may pass `n`, meaning it wraps) as at most two ascending ranges.
 fn segments(region: std::ops::Range<usize>, n: usize) -> Vec<std::ops::Range<usize>> {
     let (s, e) = (region.start.min(n), region.end);
+    let mut v = Vec::with_capacity(2);
     if e <= n {
-        vec![s..e]
+        v.push(s..e);
     } else {
-        vec![s..n, 0..(e - n).min(s)]
+        v.push(s..n);
+        v.push(0..(e - n).min(s));
     }
+    v
 }
 
 /// What to ask a fellow fetcher for: parts it holds, the rarest first (held by the fewest
 /// fellows: at first what it just got from a seed, which nobody else has; later whatever
 /// spreads the load over every holder), ascending among equals.
-fn pick_from_fellow(
-    need: &BTreeSet<usize>,
-    large: &HashSet<usize>,
-    theirs: &HaveBits,
-    fellows: &[&HaveBits],
-    max: usize,
-) -> Vec<usize> {
-    let n = theirs.len() as usize;
+fn pick_from_fellow(w: &Wanted, theirs: &HaveBits, fellows: &[&HaveBits], max: usize) -> Vec<usize> {
     let holders = |i: usize| fellows.iter().filter(|b| b.has(i)).count();
-    let Some(rarest) = need.iter().filter(|i| theirs.has(**i)).map(|i| holders(*i)).min() else {
+    let Some(rarest) = w.need.iter().filter(|i| theirs.has(**i)).map(|i| holders(*i)).min() else {
         return Vec::new();
     };
-    pick_run(need, large, 0..n, n, max, |i| theirs.has(i) && holders(i) == rarest)
+    pick_run(w, 0..w.n, max, |i| theirs.has(i) && holders(i) == rarest)
 }
 
 /// What to ask a seed for, and whether it is for another's region: parts no fellow holds,
@@ -922,17 +923,16 @@ fn pick_from_fellow(
 /// `may_steal`, it helps with the region that has most left, from its back (its owner works
 /// from the front).
 fn pick_from_seed(
-    need: &BTreeSet<usize>,
-    large: &HashSet<usize>,
+    w: &Wanted,
     fellows: &[&HaveBits],
-    n: usize,
     mine: std::ops::Range<usize>,
     others: &[std::ops::Range<usize>],
     max: usize,
     may_steal: bool,
 ) -> (Vec<usize>, bool) {
+    let Wanted { need, large, n } = *w;
     let nobody_else = |i: usize| !fellows.iter().any(|b| b.has(i));
-    let batch = pick_run(need, large, mine, n, max, nobody_else);
+    let batch = pick_run(w, mine, max, nobody_else);
     if !batch.is_empty() || !may_steal {
         return (batch, false);
     }
@@ -1000,6 +1000,14 @@ async fn usable(
     }
 }
 
+/// Where a request reports what it received: payload bytes as they arrive, and the index
+/// (in the request) of each part once it is stored.
+#[derive(Clone, Copy)]
+struct Report<'a> {
+    bytes: &'a AtomicU64,
+    stored: &'a (dyn Fn(usize) + Send + Sync),
+}
+
 /// Fetches a run of parts from one provider in one request (iroh-blobs `GetMany`). Each
 /// part is BLAKE3-verified as it arrives (16 KiB groups), held in memory (at most
 /// `batch_part_max`) and added to the store complete, so a small part costs no partial
@@ -1011,10 +1019,10 @@ async fn fetch_batch(
     addr: EndpointAddr,
     conn: Option<Connection>,
     hashes: Vec<Hash>,
-    counter: &AtomicU64,
+    report: Report<'_>,
     opts: &FetchOptions,
-    stored: &(dyn Fn(usize) + Send + Sync),
 ) -> (Option<Connection>, Vec<(Hash, Outcome)>) {
+    let Report { bytes: counter, stored } = report;
     use iroh_blobs::get::fsm::{self, BlobContentNext, DecodeError, EndBlobNext};
     use iroh_blobs::protocol::{ChunkRangesSeq, GetManyRequest};
 
@@ -1265,6 +1273,10 @@ mod tests {
         r.collect()
     }
 
+    fn w<'a>(need: &'a BTreeSet<usize>, large: &'a HashSet<usize>, n: usize) -> Wanted<'a> {
+        Wanted { need, large, n }
+    }
+
     fn bits(n: u32, held: impl IntoIterator<Item = u32>) -> HaveBits {
         let mut b = HaveBits::new(n);
         for i in held {
@@ -1275,47 +1287,50 @@ mod tests {
 
     #[test]
     fn alone_everything_is_ours_from_our_offset() {
+        let none = HashSet::new();
         let need = set(0..100);
-        let (b, stolen) = pick_from_seed(&need, &HashSet::new(), &[], 100, 90..190, &[], 16, false);
+        let (b, stolen) = pick_from_seed(&w(&need, &none, 100), &[], 90..190, &[], 16, false);
         assert_eq!(b, (90..100).collect::<Vec<_>>(), "ascending from our offset, not past the end");
         assert!(!stolen);
         let need: BTreeSet<usize> = (0..10).collect();
-        let (b, _) = pick_from_seed(&need, &HashSet::new(), &[], 100, 90..190, &[], 4, false);
+        let (b, _) = pick_from_seed(&w(&need, &none, 100), &[], 90..190, &[], 4, false);
         assert_eq!(b, vec![0, 1, 2, 3], "wraps around to the start");
     }
 
     #[test]
     fn a_seed_is_asked_only_for_what_no_fellow_holds() {
+        let none = HashSet::new();
         // Regions: me [0,25), others [25,50), [50,75), [75,100).
         let others = [25..50, 50..75, 75..100];
         let mut need = set(0..100);
         let fellow = bits(100, [0, 1, 2, 5]);
-        let (b, stolen) = pick_from_seed(&need, &HashSet::new(), &[&fellow], 100, 0..25, &others, 4, true);
+        let (b, stolen) = pick_from_seed(&w(&need, &none, 100), &[&fellow], 0..25, &others, 4, true);
         assert_eq!((b, stolen), (vec![3, 4, 6, 7], false));
         for i in 0..40 {
             need.remove(&i);
         }
-        let (b, _) = pick_from_seed(&need, &HashSet::new(), &[&fellow], 100, 0..25, &others, 16, false);
+        let (b, _) = pick_from_seed(&w(&need, &none, 100), &[&fellow], 0..25, &others, 16, false);
         assert!(b.is_empty(), "own region done and stealing not allowed: nothing");
         // Regions 2 and 3 have 25 left each, region 1 has 10: the first with most left, from
         // its back, skipping what a fellow holds.
         let fellow = bits(100, [74, 99]);
-        let (b, stolen) = pick_from_seed(&need, &HashSet::new(), &[&fellow], 100, 0..25, &others, 16, true);
+        let (b, stolen) = pick_from_seed(&w(&need, &none, 100), &[&fellow], 0..25, &others, 16, true);
         assert!(stolen);
         assert!(b == vec![70, 71, 72, 73] || b == vec![95, 96, 97, 98], "{b:?}");
     }
 
     #[test]
     fn a_fellow_is_asked_for_what_it_holds_the_rarest_first() {
+        let none = HashSet::new();
         let need = set(0..100);
         let theirs = bits(100, [3, 4, 60, 61, 62, 90]);
         let other = bits(100, [3, 4, 90]);
         let fellows = [&theirs, &other];
-        assert_eq!(pick_from_fellow(&need, &HashSet::new(), &theirs, &fellows, 16), vec![60, 61, 62]);
-        assert_eq!(pick_from_fellow(&need, &HashSet::new(), &theirs, &fellows, 2), vec![60, 61]);
+        assert_eq!(pick_from_fellow(&w(&need, &none, 100), &theirs, &fellows, 16), vec![60, 61, 62]);
+        assert_eq!(pick_from_fellow(&w(&need, &none, 100), &theirs, &fellows, 2), vec![60, 61]);
         let need: BTreeSet<usize> = [3, 4, 90].into_iter().collect();
-        assert_eq!(pick_from_fellow(&need, &HashSet::new(), &theirs, &fellows, 16), vec![3, 4, 90]);
-        assert!(pick_from_fellow(&set(5..60), &HashSet::new(), &theirs, &fellows, 16).is_empty());
+        assert_eq!(pick_from_fellow(&w(&need, &none, 100), &theirs, &fellows, 16), vec![3, 4, 90]);
+        assert!(pick_from_fellow(&w(&set(5..60), &none, 100), &theirs, &fellows, 16).is_empty());
     }
 
     #[test]
@@ -1323,9 +1338,9 @@ mod tests {
         let need = set(0..10);
         let large: HashSet<usize> = [3].into_iter().collect();
         let all = |_| true;
-        assert_eq!(pick_run(&need, &large, 0..10, 10, 16, all), vec![0, 1, 2]);
-        assert_eq!(pick_run(&need, &large, 3..13, 10, 16, all), vec![3]);
-        let (b, _) = pick_from_seed(&need, &large, &[], 10, 3..13, &[], 16, false);
+        assert_eq!(pick_run(&w(&need, &large, 10), 0..10, 16, all), vec![0, 1, 2]);
+        assert_eq!(pick_run(&w(&need, &large, 10), 3..13, 16, all), vec![3]);
+        let (b, _) = pick_from_seed(&w(&need, &large, 10), &[], 3..13, &[], 16, false);
         assert_eq!(b, vec![3]);
     }
 
