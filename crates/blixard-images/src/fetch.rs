@@ -18,7 +18,7 @@
 //! repeatedly is dropped; one that lacks a part anyway (a provider without have-state, or
 //! a race with its gc) is paused briefly, doubling on repeats.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -411,6 +411,29 @@ struct Swarm {
     already_local: usize,
 }
 
+/// A part in flight: the provider first asked, when, and how many requests carry it (2 in
+/// the end game).
+struct Flight {
+    provider: usize,
+    since: Instant,
+    requests: u8,
+}
+
+/// One request carrying part `i` has ended; true if the part must be asked for again (no
+/// request carries it any more and it was not stored).
+fn settle(flight: &mut HashMap<usize, Flight>, got: &HashSet<usize>, i: usize) -> bool {
+    if let Some(f) = flight.get_mut(&i) {
+        f.requests = f.requests.saturating_sub(1);
+        if f.requests == 0 {
+            flight.remove(&i);
+        }
+    }
+    !got.contains(&i) && !flight.contains_key(&i)
+}
+
+/// How long a part is in flight before the end game asks another provider for it too.
+const ENDGAME_AFTER: Duration = Duration::from_secs(1);
+
 /// Parts per request while fellow fetchers are about (4 disk chunks: about 512 KiB).
 const SWARM_BATCH: usize = 4;
 
@@ -561,6 +584,8 @@ impl Swarm {
         let (have_events, mut have_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut subs = JoinSet::new();
         for (i, p) in self.providers.iter_mut().enumerate() {
+            // Requests of an earlier set were ended with it.
+            p.inflight = 0;
             p.have = Have::Unknown;
             if share && p.dropped.is_none() {
                 p.have = Have::Pending;
@@ -584,6 +609,9 @@ impl Swarm {
         let mut steals: HashSet<usize> = HashSet::new();
         // The same for requests to seeds for our own region.
         let mut own_requests: HashSet<usize> = HashSet::new();
+        // Parts in requests now, and parts stored by this call.
+        let mut flight: HashMap<usize, Flight> = HashMap::new();
+        let mut got: HashSet<usize> = HashSet::new();
         let mut ticker = tokio::time::interval(Duration::from_millis(100));
         let mut last_progress = Instant::now();
         let mut last_bytes = self.transferred.load(Ordering::Relaxed);
@@ -613,17 +641,30 @@ impl Swarm {
             let waiting = share
                 && now.duration_since(started) < HAVE_WAIT
                 && self.providers.iter().any(|q| q.dropped.is_none() && matches!(q.have, Have::Pending));
-            // Requests in flight per provider. With fellow fetchers about, a seed gets two, so
-            // its uplink is not split among more streams than needed and each part arrives
-            // (and can be passed on) sooner.
-            // With fellows about, fewer and shorter requests each: parts queued behind a busy
-            // uplink wait, while another holder might be idle.
+            // With fellows about, fewer and shorter requests per provider: parts queued behind
+            // a busy uplink wait while another holder might be idle, and a seed's uplink is
+            // not split among more streams than needed, so each part arrives (and can be
+            // passed on) sooner.
             let swarming = ring.len() > 1;
             let slots = if swarming { opts.per_provider.min(2) } else { opts.per_provider };
             let max_batch = if swarming { opts.batch.min(SWARM_BATCH) } else { opts.batch };
+            // End game: once nothing is left to hand out, a part in flight for a while on one
+            // provider is asked of another too, and the first answer wins. A slow or stalled
+            // provider then holds up the end by at most `ENDGAME_AFTER`, not a timeout.
+            let mut endgame: Vec<usize> = if need.is_empty() {
+                let mut v: Vec<usize> = flight
+                    .iter()
+                    .filter(|(_, f)| f.requests == 1 && now.duration_since(f.since) >= ENDGAME_AFTER)
+                    .map(|(i, _)| *i)
+                    .collect();
+                v.sort_unstable();
+                v
+            } else {
+                Vec::new()
+            };
             // Hand out runs of parts to providers with free slots, least busy first.
             let mut idle: HashSet<usize> = HashSet::new();
-            while !need.is_empty() {
+            while !need.is_empty() || !endgame.is_empty() {
                 let Some(p) = (0..self.providers.len())
                     .filter(|i| {
                         let pr = &self.providers[*i];
@@ -651,7 +692,27 @@ impl Swarm {
                     })
                     .collect();
                 let wanted = Wanted { need: &need, large: &large, n };
-                let (batch, stolen) = match &self.providers[p].have {
+                let (batch, stolen) = if need.is_empty() {
+                    // End game: parts this provider holds, in flight on another.
+                    let holds = |i: usize| match &self.providers[p].have {
+                        Have::Bits(b) => b.has(i),
+                        _ => true,
+                    };
+                    let mut batch = Vec::new();
+                    endgame.retain(|i| {
+                        // A large part streams into a partial file: not two writers at once.
+                        let take = batch.len() < max_batch
+                            && flight.get(i).is_some_and(|f| f.provider != p)
+                            && holds(*i)
+                            && !large.contains(i);
+                        if take {
+                            batch.push(*i);
+                        }
+                        !take
+                    });
+                    (batch, false)
+                } else {
+                    match &self.providers[p].have {
                     Have::Bits(theirs) => (
                         pick_from_fellow(&wanted, theirs, &fellows, max_batch),
                         false,
@@ -676,19 +737,23 @@ impl Swarm {
                             picked => picked,
                         }
                     }
+                    }
                 };
                 if batch.is_empty() {
                     // Nothing for this provider now; others may still have work.
                     idle.insert(p);
                     continue;
                 }
+                let duplicate = need.is_empty();
                 if stolen {
                     steals.insert(batch[0]);
-                } else if !matches!(self.providers[p].have, Have::Bits(_)) {
+                } else if !duplicate && !matches!(self.providers[p].have, Have::Bits(_)) {
                     own_requests.insert(batch[0]);
                 }
                 for i in &batch {
                     need.remove(i);
+                    let f = flight.entry(*i).or_insert(Flight { provider: p, since: now, requests: 0 });
+                    f.requests += 1;
                 }
                 let prov = &mut self.providers[p];
                 prov.inflight += 1;
@@ -729,7 +794,9 @@ impl Swarm {
                     (p, conn, done, batch)
                 });
             }
-            if tasks.is_empty() && need.is_empty() {
+            // Done when nothing is left to ask for and every part still in a request was
+            // stored by another (the end game's losers are dropped below).
+            if need.is_empty() && flight.keys().all(|i| got.contains(i)) {
                 break;
             }
             let live = self.providers.iter().any(|p| p.dropped.is_none());
@@ -760,9 +827,18 @@ impl Swarm {
                     own_requests.remove(&batch[0]);
                     // The batch's hashes are in `batch`'s order: settled first, then untouched.
                     let mut idx = batch.into_iter();
+                    // A part settles here once per request that carried it; it goes back to
+                    // `need` only when no request has it any more and it was not stored.
+                    let mut back = Vec::new();
                     for (h, outcome) in done {
                         let Some(i) = idx.next() else { break };
                         debug_assert_eq!(parts[i], h);
+                        if matches!(outcome, Outcome::Complete { .. }) {
+                            got.insert(i);
+                        }
+                        if settle(&mut flight, &got, i) {
+                            back.push(i);
+                        }
                         match outcome {
                             Outcome::Complete { bytes } => {
                                 prov.failures = 0;
@@ -774,20 +850,17 @@ impl Swarm {
                             }
                             Outcome::TooLarge => {
                                 large.insert(i);
-                                need.insert(i);
                             }
                             Outcome::Lacked => {
                                 prov.lacked += 1;
                                 debug!(provider = %prov.addr.id.fmt_short(), part = %h.fmt_short(), "provider lacks part");
                                 prov.pause = (prov.pause * 2).clamp(opts.missing_retry, max_pause);
                                 prov.paused_until = Instant::now() + prov.pause;
-                                need.insert(i);
                             }
                             Outcome::Corrupt(why) => {
                                 warn!(provider = %prov.addr.id.fmt_short(), part = %h.fmt_short(), "dropping provider: sent data that does not verify ({why})");
                                 prov.dropped = Some(format!("sent corrupt data for {}", h.fmt_short()));
                                 prov.conn = None;
-                                need.insert(i);
                             }
                             Outcome::Failed(why) => {
                                 if is_disk_full_msg(&why) {
@@ -804,12 +877,16 @@ impl Swarm {
                                     warn!(provider = %prov.addr.id.fmt_short(), "dropping provider after {} failures: {why}", prov.failures);
                                     prov.dropped = Some(format!("failed {} times: {why}", prov.failures));
                                 }
-                                need.insert(i);
                             }
                         }
                     }
                     // Parts the request never reached go back as they were.
-                    need.extend(idx);
+                    for i in idx {
+                        if settle(&mut flight, &got, i) {
+                            back.push(i);
+                        }
+                    }
+                    need.extend(back);
                     self.publish();
                 }
                 Some((p, ev)) = have_rx.recv() => {
@@ -843,6 +920,7 @@ impl Swarm {
                 }
             }
         }
+        tasks.shutdown().await;
         subs.shutdown().await;
         Ok(())
     }

@@ -152,12 +152,38 @@ async fn a_corrupt_provider_is_dropped_and_parts_refetched() {
     let c = node_with(|o| o.fetch.per_provider = 2).await;
     let (img, spec) = bundle_on(&a, 8 << 20, 40).await;
     let pep = endpoint(vec![blixard_images::ALPN.to_vec()]).await;
-    let proxy = CorruptingProxy { ep: pep.clone(), upstream: a.addr() };
+    let proxy = CorruptingProxy { ep: pep.clone(), upstream: a.addr(), stall: false };
     let prouter = iroh::protocol::Router::builder(pep.clone()).accept(blixard_images::ALPN, proxy).spawn();
     let stats = c.images.fetch(img.hash, vec![addr(&pep), a.addr()], &noop).await.unwrap();
     eprintln!("providers with a corrupting one: {:?}", stats.providers);
     let bad = stats.providers.iter().find(|p| p.id == pep.id()).unwrap();
     assert!(bad.dropped.as_deref().is_some_and(|d| d.contains("corrupt")), "{bad:?}");
+    assert_bundle_files(&c.images.materialise(img.hash, &noop).await.unwrap(), &spec);
+    let _ = prouter.shutdown().await;
+    a.stop().await;
+    c.stop().await;
+}
+
+/// A provider that stops answering holds up the end of a fetch by about a second (the end
+/// game asks another provider for its parts too), not by the 60 s request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_provider_does_not_hold_up_the_end() {
+    let a = node().await;
+    let c = node_with(|o| o.fetch.request_timeout = Duration::from_secs(60)).await;
+    let (img, spec) = bundle_on(&a, 8 << 20, 41).await;
+    let pep = endpoint(vec![blixard_images::ALPN.to_vec()]).await;
+    let proxy = CorruptingProxy { ep: pep.clone(), upstream: a.addr(), stall: true };
+    let prouter = iroh::protocol::Router::builder(pep.clone()).accept(blixard_images::ALPN, proxy).spawn();
+    let stats = tokio::time::timeout(
+        Duration::from_secs(40),
+        c.images.fetch(img.hash, vec![addr(&pep), a.addr()], &noop),
+    )
+    .await
+    .expect("the fetch waited for the stalled provider's timeout")
+    .unwrap();
+    eprintln!("providers with a stalled one: {:?} in {:?}", stats.providers, stats.elapsed);
+    let stalled = stats.providers.iter().find(|p| p.id == pep.id()).unwrap();
+    assert_eq!(stalled.parts, 0, "{stalled:?}");
     assert_bundle_files(&c.images.materialise(img.hash, &noop).await.unwrap(), &spec);
     let _ = prouter.shutdown().await;
     a.stop().await;

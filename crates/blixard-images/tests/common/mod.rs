@@ -84,11 +84,13 @@ pub fn write(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
 pub fn noop(_: blixard_images::Progress) {}
 
 /// A provider that forwards every request to a real provider and flips one byte of each
-/// response longer than 4 KiB: a peer serving corrupt data.
+/// response longer than 4 KiB: a peer serving corrupt data. With `stall`, it forwards
+/// nothing back and keeps the stream open: a peer that has stopped sending.
 #[derive(Debug, Clone)]
 pub struct CorruptingProxy {
     pub ep: Endpoint,
     pub upstream: EndpointAddr,
+    pub stall: bool,
 }
 
 impl ProtocolHandler for CorruptingProxy {
@@ -99,8 +101,14 @@ impl ProtocolHandler for CorruptingProxy {
         };
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             let up = up.clone();
+            let stall = self.stall;
             tokio::spawn(async move {
                 let Ok(req) = recv.read_to_end(64 * 1024).await else { return };
+                if stall {
+                    // Hold the stream open, unanswered, until the fetcher gives up on it.
+                    let _ = send.stopped().await;
+                    return;
+                }
                 let Ok((mut usend, mut urecv)) = up.open_bi().await else { return };
                 if usend.write_all(&req).await.is_err() || usend.finish().is_err() {
                     return;
