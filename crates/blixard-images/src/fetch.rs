@@ -538,9 +538,9 @@ impl Swarm {
     ///
     /// With `share` (the image's parts, in the root's order), this node serves its have-state
     /// to fellow fetchers and subscribes to every provider's: a fellow fetcher is asked only
-    /// for parts it holds, its own region first (what it just got from a seed, which nobody
-    /// else has yet); a seed is asked only for parts no fellow holds, this node's region
-    /// first. Regions are equal splits of the parts among this node and the fellow fetchers,
+    /// for parts it holds, the rarest first (at first what it just got from a seed, which
+    /// nobody else has yet); a seed is asked only for parts no fellow holds, this node's
+    /// region first. Regions are equal splits of the parts among this node and the fellow fetchers,
     /// in id order, so every fetcher computes the same ones without talking. Without `share`
     /// (the root, manifest and chunk list), every provider is asked as a seed.
     async fn fetch_set(&mut self, parts: Vec<Hash>, share: bool) -> Result<(), FetchError> {
