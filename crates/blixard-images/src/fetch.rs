@@ -587,7 +587,9 @@ impl Swarm {
             // Requests of an earlier set were ended with it.
             p.inflight = 0;
             p.have = Have::Unknown;
-            if share && p.dropped.is_none() {
+            // One that could not be dialled just now is not waited for (it stays a seed to
+            // try, and is dropped if it keeps failing).
+            if share && p.dropped.is_none() && p.conn.is_some() {
                 p.have = Have::Pending;
                 subs.spawn(crate::have::subscribe(
                     endpoint.clone(),
