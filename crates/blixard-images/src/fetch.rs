@@ -656,7 +656,11 @@ impl Swarm {
             let mut endgame: Vec<usize> = if need.is_empty() {
                 let mut v: Vec<usize> = flight
                     .iter()
-                    .filter(|(_, f)| f.requests == 1 && now.duration_since(f.since) >= ENDGAME_AFTER)
+                    // Not a part already stored by an earlier duplicate whose first request is
+                    // still out: that one is only waited out, not asked for again.
+                    .filter(|(i, f)| {
+                        f.requests == 1 && !got.contains(*i) && now.duration_since(f.since) >= ENDGAME_AFTER
+                    })
                     .map(|(i, _)| *i)
                     .collect();
                 v.sort_unstable();
