@@ -281,9 +281,9 @@ pub fn all(scratch: &Path) -> Vec<Target> {
         Target {
             name: "image-have",
             seeds: vec![
-                HaveMsg::Bits { n: 20, bits: vec![0b1010_0101, 0xff, 0x0f] }.encode()[4..].to_vec(),
-                HaveMsg::Parts(vec![1, 7, 4_000_000]).encode()[4..].to_vec(),
-                HaveMsg::All.encode()[4..].to_vec(),
+                enc(&HaveMsg::Bits { n: 20, bits: vec![0b1010_0101, 0xff, 0x0f] }),
+                enc(&HaveMsg::Parts(vec![1, 7, 4_000_000])),
+                enc(&HaveMsg::All),
             ],
             run: Box::new(|b| {
                 HaveMsg::decode(b).is_ok_and(|m| match m {

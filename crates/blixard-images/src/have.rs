@@ -2,7 +2,8 @@
 //!
 //! A fetcher subscribes to every provider on [`HAVE_ALPN`]: one bidirectional stream per
 //! image, the request is the image's 32-byte hash, and the answer is a sequence of frames
-//! (`u32` little-endian length, then a postcard [`HaveMsg`]). A node that holds the whole
+//! (Blixard's framing, `blixard_types::frame`, each a postcard [`HaveMsg`], at most
+//! [`MAX_FRAME`] bytes). A node that holds the whole
 //! image answers `All`; one fetching it answers `Bits` with the parts it holds (indices into
 //! the root's list of parts, the same on every node) and then `Parts` as more complete,
 //! until `All` (done) or `None` (its fetch ended without the image). With this the swarm
@@ -18,6 +19,8 @@ use iroh_blobs::Hash;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, debug_span, Instrument};
+
+use blixard_mesh::rpc::{read_frame_body, write_frame};
 
 use crate::store::ImageStore;
 
@@ -60,15 +63,6 @@ pub enum HaveDecodeError {
 }
 
 impl HaveMsg {
-    /// The frame: length, then the message.
-    pub fn encode(&self) -> Vec<u8> {
-        let body = postcard::to_stdvec(self).unwrap_or_default();
-        let mut out = Vec::with_capacity(4 + body.len());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&body);
-        out
-    }
-
     /// Decodes a frame's body (without the length).
     pub fn decode(body: &[u8]) -> Result<Self, HaveDecodeError> {
         if body.len() > MAX_FRAME {
@@ -192,34 +186,42 @@ impl ProtocolHandler for HaveProtocol {
     }
 }
 
-async fn write(send: &mut SendStream, msg: HaveMsg) -> Result<(), String> {
-    send.write_all(&msg.encode()).await.map_err(|e| format!("writing: {e}"))
+async fn write(send: &mut SendStream, msg: &HaveMsg) -> Result<(), String> {
+    write_frame(send, msg).await.map_err(|e| format!("writing: {e}"))
 }
 
 async fn serve_one(images: &ImageStore, mut send: SendStream, mut recv: RecvStream) -> Result<(), String> {
     let mut h = [0u8; 32];
     recv.read_exact(&mut h).await.map_err(|e| format!("reading request: {e}"))?;
     let hash = Hash::from_bytes(h);
-    let watch = images.have_watch(hash);
-    let Some(mut rx) = watch else {
-        let msg = if images.is_complete(hash).await { HaveMsg::All } else { HaveMsg::None };
-        write(&mut send, msg).await?;
-        let _ = send.finish();
-        return Ok(());
-    };
+    if let Some(rx) = images.have_watch(hash) {
+        if !stream_while_fetching(rx, &mut send).await? {
+            return Ok(());
+        }
+    }
+    // Not fetching it (any more): whether it holds it is the last word.
+    let msg = if images.is_complete(hash).await { HaveMsg::All } else { HaveMsg::None };
+    write(&mut send, &msg).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Sends a fetch's have-state once its parts are known, then what it adds, until the fetch
+/// ends (true) or the subscriber goes away (false).
+async fn stream_while_fetching(mut rx: HaveWatch, send: &mut SendStream) -> Result<bool, String> {
     let mut sent: Option<HaveBits> = None;
     loop {
         let now = rx.borrow_and_update().clone();
         match (&sent, now) {
             (_, None) => {}
             (None, Some(bits)) => {
-                write(&mut send, bits.to_msg()).await?;
+                write(send, &bits.to_msg()).await?;
                 sent = Some(bits);
             }
             (Some(old), Some(bits)) => {
                 let added = bits.added_since(old);
                 if !added.is_empty() {
-                    write(&mut send, HaveMsg::Parts(added)).await?;
+                    write(send, &HaveMsg::Parts(added)).await?;
                 }
                 sent = Some(bits);
             }
@@ -227,19 +229,13 @@ async fn serve_one(images: &ImageStore, mut send: SendStream, mut recv: RecvStre
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
-                    break;
+                    return Ok(true);
                 }
             }
-            // The subscriber went away.
-            _ = send.stopped() => return Ok(()),
+            _ = send.stopped() => return Ok(false),
         }
         tokio::time::sleep(COALESCE).await;
     }
-    // The fetch ended.
-    let msg = if images.is_complete(hash).await { HaveMsg::All } else { HaveMsg::None };
-    write(&mut send, msg).await?;
-    let _ = send.finish();
-    Ok(())
 }
 
 /// What a subscription learned, for the fetch loop.
@@ -312,16 +308,7 @@ async fn subscribe_once(
     let _ = send.finish();
     let mut first = true;
     loop {
-        let mut len = [0u8; 4];
-        if let Err(e) = recv.read_exact(&mut len).await {
-            return Err(format!("answer ended: {e}"));
-        }
-        let len = u32::from_le_bytes(len) as usize;
-        if len > MAX_FRAME {
-            return Err(HaveDecodeError::TooLarge(len).to_string());
-        }
-        let mut body = vec![0u8; len];
-        recv.read_exact(&mut body).await.map_err(|e| format!("answer ended: {e}"))?;
+        let body = read_frame_body(&mut recv, MAX_FRAME).await.map_err(|e| format!("reading answer: {e}"))?;
         let msg = HaveMsg::decode(&body).map_err(|e| e.to_string())?;
         let ev = match msg {
             HaveMsg::All => return Ok(HaveEvent::All),
@@ -382,8 +369,9 @@ mod tests {
         #[test]
         fn frames_round_trip(parts in proptest::collection::vec(any::<u32>(), 0..64), n in 0u32..5000) {
             for msg in [HaveMsg::All, HaveMsg::None, HaveMsg::Parts(parts.clone()), HaveBits::new(n).to_msg()] {
-                let frame = msg.encode();
-                prop_assert_eq!(&frame[..4], &((frame.len() - 4) as u32).to_le_bytes()[..]);
+                let frame = blixard_types::frame::encode(&msg).unwrap_or_default();
+                let prefix: [u8; 4] = frame[..4].try_into().unwrap_or_default();
+                prop_assert_eq!(blixard_types::frame::body_len_max(prefix, MAX_FRAME).ok(), Some(frame.len() - 4));
                 prop_assert_eq!(HaveMsg::decode(&frame[4..]).ok(), Some(msg));
             }
         }

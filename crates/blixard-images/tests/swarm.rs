@@ -448,7 +448,7 @@ async fn a_full_disk_mid_fetch_fails_cleanly_and_frees_the_space() {
 }
 
 /// The have protocol on the wire: a node holding an image answers `All`, one that neither
-/// holds nor fetches it `None`, and a frame is length-prefixed postcard.
+/// holds nor fetches it `None`, in Blixard's framing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_have_protocol_answers_all_or_none() {
     use blixard_images::have::HaveMsg;
@@ -462,10 +462,7 @@ async fn the_have_protocol_answers_all_or_none() {
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
             send.write_all(hash.as_bytes()).await.unwrap();
             send.finish().unwrap();
-            let mut len = [0u8; 4];
-            recv.read_exact(&mut len).await.unwrap();
-            let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
-            recv.read_exact(&mut body).await.unwrap();
+            let body = blixard_mesh::rpc::read_frame_body(&mut recv, blixard_images::have::MAX_FRAME).await.unwrap();
             HaveMsg::decode(&body).unwrap()
         }
     };

@@ -114,13 +114,20 @@ pub async fn write_bytes(send: &mut SendStream, bytes: &[u8]) -> Result<(), Stre
 
 /// Reads one frame, refusing frames over the size limit before allocating.
 pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream) -> Result<T, StreamError> {
+    let body = read_frame_body(recv, frame::MAX_FRAME).await?;
+    Ok(frame::decode(&body)?)
+}
+
+/// Reads one frame's body, undecoded, refusing frames over `max` bytes before allocating
+/// (for a protocol with a smaller limit or its own decoder).
+pub async fn read_frame_body(recv: &mut RecvStream, max: usize) -> Result<Vec<u8>, StreamError> {
     let mut prefix = [0u8; 4];
     recv.read_exact(&mut prefix).await.map_err(read_err)?;
-    let len = frame::body_len(prefix)?;
+    let len = frame::body_len_max(prefix, max)?;
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body).await.map_err(read_err)?;
     counters::add(&counters::BYTES_RECEIVED, 4 + len);
-    Ok(frame::decode(&body)?)
+    Ok(body)
 }
 
 /// Sends `req` on a new stream of `conn` and reads the response.

@@ -9,8 +9,8 @@ pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME} byte limit")]
-    TooLarge(usize),
+    #[error("frame of {len} bytes exceeds the {max} byte limit")]
+    TooLarge { len: usize, max: usize },
     #[error("malformed message: {0}")]
     Malformed(#[from] postcard::Error),
 }
@@ -20,7 +20,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut buf = postcard::to_extend(msg, vec![0u8; 4])?;
     let len = buf.len() - 4;
     if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+        return Err(FrameError::TooLarge { len, max: MAX_FRAME });
     }
     buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(buf)
@@ -33,9 +33,15 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 
 /// Reads the length out of a 4-byte prefix, refusing oversized frames.
 pub fn body_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    body_len_max(prefix, MAX_FRAME)
+}
+
+/// [`body_len`] for a protocol whose frames are smaller: refuses lengths over `max` too.
+pub fn body_len_max(prefix: [u8; 4], max: usize) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+    let max = max.min(MAX_FRAME);
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
     }
     Ok(len)
 }
@@ -56,6 +62,8 @@ mod tests {
 
     #[test]
     fn oversized_prefix_is_refused() {
-        assert!(matches!(body_len(u32::MAX.to_be_bytes()), Err(FrameError::TooLarge(_))));
+        assert!(matches!(body_len(u32::MAX.to_be_bytes()), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(body_len_max(101u32.to_be_bytes(), 100), Err(FrameError::TooLarge { len: 101, max: 100 })));
+        assert_eq!(body_len_max(100u32.to_be_bytes(), 100).ok(), Some(100));
     }
 }
