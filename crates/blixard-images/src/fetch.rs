@@ -1071,16 +1071,21 @@ async fn usable(
 ) -> Result<Connection, String> {
     match conn {
         Some(c) if c.close_reason().is_none() => Ok(c),
-        _ => match tokio::time::timeout(
-            opts.connect_timeout,
-            endpoint.connect(addr, iroh_blobs::ALPN),
-        )
-        .await
-        {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(format!("connect: {e}")),
-            Err(_) => Err("connect timed out".into()),
-        },
+        _ => dial(endpoint, addr, iroh_blobs::ALPN, opts.connect_timeout).await,
+    }
+}
+
+/// A new connection to `addr` on `alpn`, given up after `timeout`.
+pub(crate) async fn dial(
+    endpoint: &iroh::Endpoint,
+    addr: EndpointAddr,
+    alpn: &[u8],
+    timeout: Duration,
+) -> Result<Connection, String> {
+    match tokio::time::timeout(timeout, endpoint.connect(addr, alpn)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(format!("connect: {e}")),
+        Err(_) => Err("connect timed out".into()),
     }
 }
 

@@ -298,11 +298,7 @@ async fn subscribe_once(
     connect_timeout: Duration,
     tx: &tokio::sync::mpsc::UnboundedSender<(usize, HaveEvent)>,
 ) -> Result<HaveEvent, String> {
-    let conn = match tokio::time::timeout(connect_timeout, endpoint.connect(addr, HAVE_ALPN)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(format!("connect: {e}")),
-        Err(_) => return Err("connect timed out".into()),
-    };
+    let conn = crate::fetch::dial(endpoint, addr, HAVE_ALPN, connect_timeout).await?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("open stream: {e}"))?;
     send.write_all(hash.as_bytes()).await.map_err(|e| format!("request: {e}"))?;
     let _ = send.finish();
