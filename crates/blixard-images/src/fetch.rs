@@ -699,50 +699,28 @@ impl Swarm {
                     .collect();
                 let wanted = Wanted { need: &need, large: &large, n };
                 let (batch, stolen) = if need.is_empty() {
-                    // End game: parts this provider holds, in flight on another.
                     let holds = |i: usize| match &self.providers[p].have {
                         Have::Bits(b) => b.has(i),
                         _ => true,
                     };
-                    let mut batch = Vec::new();
-                    endgame.retain(|i| {
-                        // A large part streams into a partial file: not two writers at once.
-                        let take = batch.len() < max_batch
-                            && flight.get(i).is_some_and(|f| f.provider != p)
-                            && holds(*i)
-                            && !large.contains(i);
-                        if take {
-                            batch.push(*i);
-                        }
-                        !take
-                    });
-                    (batch, false)
+                    (pick_endgame(&mut endgame, &flight, &large, p, holds, max_batch), false)
+                } else if let Have::Bits(theirs) = &self.providers[p].have {
+                    (pick_from_fellow(&wanted, theirs, &fellows, max_batch), false)
                 } else {
-                    match &self.providers[p].have {
-                    Have::Bits(theirs) => (
-                        pick_from_fellow(&wanted, theirs, &fellows, max_batch),
-                        false,
-                    ),
-                    _ => {
-                        let others: Vec<std::ops::Range<usize>> = ring
-                            .iter()
-                            .filter(|id| **id != me)
-                            .map(&region_of)
-                            .collect();
-                        // Help with others' regions only once ours is done, one request at
-                        // a time: a seed's uplink is the scarcest thing here.
-                        let may_steal = steals.is_empty() && own_requests.is_empty();
-                        match pick_from_seed(&wanted, &fellows, region_of(&me), &others, max_batch, may_steal) {
-                            // Every part still needed is held by a fellow: the seed's uplink
-                            // is no longer needed to bring parts in, so it helps with the
-                            // rarest like a fellow (one request at a time).
-                            (b, _) if b.is_empty() && may_steal && swarming => {
-                                let all = HaveBits::full(n as u32);
-                                (pick_from_fellow(&wanted, &all, &fellows, max_batch), true)
-                            }
-                            picked => picked,
+                    let others: Vec<std::ops::Range<usize>> =
+                        ring.iter().filter(|id| **id != me).map(&region_of).collect();
+                    // Help with others' regions only once ours is done, one request at a
+                    // time: a seed's uplink is the scarcest thing here.
+                    let may_steal = steals.is_empty() && own_requests.is_empty();
+                    match pick_from_seed(&wanted, &fellows, region_of(&me), &others, max_batch, may_steal) {
+                        // Every part still needed is held by a fellow: the seed's uplink is
+                        // no longer needed to bring parts in, so it helps with the rarest
+                        // like a fellow (one request at a time).
+                        (b, _) if b.is_empty() && may_steal && swarming => {
+                            let all = HaveBits::full(n as u32);
+                            (pick_from_fellow(&wanted, &all, &fellows, max_batch), true)
                         }
-                    }
+                        picked => picked,
                     }
                 };
                 if batch.is_empty() {
@@ -942,6 +920,31 @@ impl Swarm {
         }
         done
     }
+}
+
+/// End game: up to `max` parts of `endgame` (in flight on one request each) that provider
+/// `p` holds and was not the first asked for, taken out of `endgame`. A large part streams
+/// into a partial file, so it never gets a second writer.
+fn pick_endgame(
+    endgame: &mut Vec<usize>,
+    flight: &HashMap<usize, Flight>,
+    large: &HashSet<usize>,
+    p: usize,
+    holds: impl Fn(usize) -> bool,
+    max: usize,
+) -> Vec<usize> {
+    let mut batch = Vec::new();
+    endgame.retain(|i| {
+        let take = batch.len() < max
+            && flight.get(i).is_some_and(|f| f.provider != p)
+            && holds(*i)
+            && !large.contains(i);
+        if take {
+            batch.push(*i);
+        }
+        !take
+    });
+    batch
 }
 
 /// What this node still needs of a part list of length `n`, and which of those parts are
@@ -1420,6 +1423,21 @@ mod tests {
         let need: BTreeSet<usize> = [3, 4, 90].into_iter().collect();
         assert_eq!(pick_from_fellow(&w(&need, &none, 100), &theirs, &fellows, 16), vec![3, 4, 90]);
         assert!(pick_from_fellow(&w(&set(5..60), &none, 100), &theirs, &fellows, 16).is_empty());
+    }
+
+    #[test]
+    fn the_end_game_asks_another_holder_for_small_parts_only() {
+        let since = Instant::now();
+        let flight: HashMap<usize, Flight> =
+            [(1, 0), (2, 0), (3, 1), (4, 0), (5, 0)].into_iter().map(|(i, p)| (i, Flight { provider: p, since, requests: 1 })).collect();
+        let large: HashSet<usize> = [4].into_iter().collect();
+        let mut endgame = vec![1, 2, 3, 4, 5];
+        // Provider 1 holds all but part 5; part 3 is already in flight on it.
+        let b = pick_endgame(&mut endgame, &flight, &large, 1, |i| i != 5, 16);
+        assert_eq!(b, vec![1, 2]);
+        assert_eq!(endgame, vec![3, 4, 5], "what was taken is out");
+        let b = pick_endgame(&mut endgame, &flight, &large, 2, |_| true, 1);
+        assert_eq!((b, endgame), (vec![3], vec![4, 5]));
     }
 
     #[test]
