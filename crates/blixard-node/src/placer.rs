@@ -93,40 +93,27 @@ pub async fn round(ctx: &NodeCtx, in_touch_for: Duration) -> usize {
             .plan_placements(views, |n| lost(ctx, n, in_touch_for), salt, PER_ROUND)
     };
     let decided = std::time::Instant::now();
-    let mut commands = Vec::new();
-    let mut moved_from = Vec::new();
+    // Each entry with the node a moved VM comes from, for the log.
+    let mut entries: Vec<(VmCommand, Option<NodeId>)> = Vec::new();
     for p in plan {
-        match &p {
-            Placement::Place { from, .. } => moved_from.push(*from),
+        let from = match &p {
+            Placement::Place { from, .. } => *from,
             Placement::Unplaceable { .. } => {
                 ctx.metrics.placement_failures.fetch_add(1, Ordering::Relaxed);
+                None
             }
-        }
-        commands.extend(p.into_command());
+        };
+        entries.extend(p.into_command().map(|c| (c, from)));
     }
-    if commands.is_empty() {
+    if entries.is_empty() {
         return 0;
     }
-    let result = ctx
-        .propose(ctx.id, Command::Batch { commands: commands.clone() })
-        .await;
-    match result {
-        Ok(CommandResult::Ok) => {
-            let mut from = moved_from.into_iter();
-            let mut placed = 0;
-            for c in &commands {
-                if let VmCommand::PlaceVm { name, node } = c {
-                    let from = from.next().flatten();
-                    info!(vm = %name, node = %node.short(), moved_from = ?from.map(|f| f.short()), "placed");
-                    placed += 1;
-                }
-            }
-            ctx.metrics.placements.fetch_add(placed as u64, Ordering::Relaxed);
-            placed
-        }
+    let commands = entries.iter().map(|(c, _)| c.clone()).collect();
+    match ctx.propose(ctx.id, Command::Batch { commands }).await {
+        Ok(CommandResult::Ok) => entries.iter().filter(|(c, from)| record_placed(ctx, c, *from)).count(),
         Ok(CommandResult::Refused(r)) => {
             warn!(reason = %r, "placement batch refused; proposing its commands one at a time");
-            one_at_a_time(ctx, commands, decided).await
+            one_at_a_time(ctx, entries, decided).await
         }
         Err(e) => {
             warn!(error = %e, "placements not recorded");
@@ -135,27 +122,34 @@ pub async fn round(ctx: &NodeCtx, in_touch_for: Duration) -> usize {
     }
 }
 
+/// Logs and counts a committed placement; false for any other command.
+fn record_placed(ctx: &NodeCtx, c: &VmCommand, from: Option<NodeId>) -> bool {
+    let VmCommand::PlaceVm { name, node } = c else {
+        return false;
+    };
+    info!(vm = %name, node = %node.short(), moved_from = ?from.map(|f| f.short()), "placed");
+    ctx.metrics.placements.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
 /// The round's commands as one entry each; a refused one is logged and skipped.
-async fn one_at_a_time(ctx: &NodeCtx, commands: Vec<VmCommand>, decided: std::time::Instant) -> usize {
+async fn one_at_a_time(ctx: &NodeCtx, entries: Vec<(VmCommand, Option<NodeId>)>, decided: std::time::Instant) -> usize {
     let mut placed = 0;
-    for c in commands {
+    for (c, from) in entries {
         // A plan is only as good as the liveness it was made from: after a proposal that
         // took long (no quorum for a while), decide again.
         if decided.elapsed() > TICK {
             break;
         }
-        let vm = c.vm().to_string();
-        let place = matches!(c, VmCommand::PlaceVm { .. });
-        match ctx.propose(ctx.id, c.into()).await {
-            Ok(CommandResult::Ok) if place => {
-                info!(vm = %vm, "placed");
-                ctx.metrics.placements.fetch_add(1, Ordering::Relaxed);
-                placed += 1;
+        match ctx.propose(ctx.id, c.clone().into()).await {
+            Ok(CommandResult::Ok) => {
+                if record_placed(ctx, &c, from) {
+                    placed += 1;
+                }
             }
-            Ok(CommandResult::Ok) => {}
-            Ok(CommandResult::Refused(r)) => warn!(vm = %vm, reason = %r, "placement refused"),
+            Ok(CommandResult::Refused(r)) => warn!(vm = %c.vm(), reason = %r, "placement refused"),
             Err(e) => {
-                warn!(vm = %vm, error = %e, "placement not recorded");
+                warn!(vm = %c.vm(), error = %e, "placement not recorded");
                 return placed;
             }
         }
